@@ -1,0 +1,22 @@
+"""rapkern: attention with an additive, gated prior on the logits, and a batched LDA routing softmax.
+
+    out = softmax(scale · Q Kᵀ + α_h · B + M) V
+"""
+
+from . import backends as _backends  # noqa: F401  (registers the backends)
+from . import testing  # noqa: F401
+from .functional import attention, lda_route
+from .priors import BandedPrior, DensePrior, LowRankPrior, RelativeLagPrior
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "lda_route",
+    "RelativeLagPrior",
+    "BandedPrior",
+    "LowRankPrior",
+    "DensePrior",
+    "testing",
+    "__version__",
+]

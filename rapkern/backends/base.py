@@ -1,0 +1,39 @@
+"""What every backend declares: which inputs it can serve, and why not when it cannot."""
+
+from __future__ import annotations
+
+from ..validate import AttentionProblem, RouteProblem
+
+
+class Backend:
+    """A backend answers ``*_reasons(problem) -> list[str]`` (empty = can serve) and runs the op.
+
+    Capability attributes are descriptive (shown by ``python -m rapkern.info``); the reasons
+    functions are what dispatch trusts.
+    """
+
+    name: str = "?"
+    devices: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ()
+    prior_kinds: tuple[str, ...] = ("none", "lag", "banded", "lowrank", "dense")
+    supports_prior_grad: bool = True
+    supports_dropout: bool = True
+    deterministic: bool = True
+
+    def availability(self) -> str | None:
+        """None if the backend can run on this machine at all, else why not."""
+        return None
+
+    def attention_reasons(self, p: AttentionProblem) -> list[str]:
+        return ["attention is not implemented by this backend"]
+
+    def attention(self, p: AttentionProblem):
+        """Return ``(out, lse)``; differentiable through autograd."""
+        raise NotImplementedError
+
+    def route_reasons(self, p: RouteProblem) -> list[str]:
+        return ["lda_route is not implemented by this backend"]
+
+    def route(self, p: RouteProblem, return_weights: bool = False):
+        """Return ``(out, weights, indices)`` with a leading group dim; weights/indices may be None."""
+        raise NotImplementedError

@@ -1,0 +1,56 @@
+"""Public functions: the only place that validates inputs and fills defaults, then dispatches."""
+
+from __future__ import annotations
+
+from . import dispatch
+from .validate import check_attention, check_route
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    prior=None,
+    alpha=1.0,
+    causal=False,
+    key_padding_mask=None,
+    scale=None,
+    dropout_p=0.0,
+    return_lse=False,
+    backend="auto",
+):
+    """``softmax(scale·QKᵀ + α_h·B + M) V`` with B given compactly by ``prior``.
+
+    Shapes as SDPA: q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``, v ``(B, Hkv, Lk, Dv)`` with Hq % Hkv == 0.
+    Returns out ``(B, Hq, Lq, Dv)`` in q's dtype, and with ``return_lse=True`` also the float32 natural-log
+    LSE ``(B, Hq, Lq)``. A query row with no visible key gives 0 and lse -inf. See README for semantics.
+    """
+    p = check_attention(
+        q, k, v, prior=prior, alpha=alpha, causal=causal, key_padding_mask=key_padding_mask,
+        scale=scale, dropout_p=dropout_p,
+    )
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    out, lse = dispatch.choose("attention", p, backend).attention(p)
+    return (out, lse) if return_lse else out
+
+
+def lda_route(q, centroids, answers, *, tau=0.1, top_k=None, normalize=True, return_weights=False, backend="auto"):
+    """LDA routing softmax: ``w = softmax(cos(q, c_i)/τ)``, ``out = Σ_i w_i a_i``.
+
+    q ``(N, d)`` or ``(G, N, d)``; centroids ``(n, d)``/``(G, n, d)``; answers ``(n, e)``/``(G, n, e)``.
+    ``top_k``: softmax over the k largest scores only (ties to the lower index). ``return_weights``
+    also returns the dense weights ``(…, N, n)``, or with top_k ``(weights (…, N, k), indices (…, N, k))``.
+    """
+    p = check_route(q, centroids, answers, tau=tau, top_k=top_k, normalize=normalize)
+    if not isinstance(return_weights, bool):
+        raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
+    out, w, idx = dispatch.choose("lda_route", p, backend).route(p, return_weights)
+    if p.squeeze_group:
+        out = out.squeeze(0)
+        w = None if w is None else w.squeeze(0)
+        idx = None if idx is None else idx.squeeze(0)
+    if not return_weights:
+        return out
+    return (out, w) if p.top_k is None else (out, (w, idx))
