@@ -54,6 +54,10 @@ def choose(op: str, problem, backend: str) -> Backend:
     for b in backends():
         if b.name == "reference":  # the float64 oracle is never picked automatically
             continue
+        auto_devices = b.devices if b.auto_devices is None else b.auto_devices
+        if problem.device.type not in auto_devices:
+            report.append(f"{b.name}: not chosen automatically for {problem.device.type} tensors")
+            continue
         reasons = _reasons(b, check)
         if not reasons:
             return b

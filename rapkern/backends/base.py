@@ -14,6 +14,9 @@ class Backend:
 
     name: str = "?"
     devices: tuple[str, ...] = ()
+    # Device types on which "auto" may pick this backend (e.g. Triton serves CPU tensors only through the
+    # interpreter, for tests, and only when asked for by name).
+    auto_devices: tuple[str, ...] | None = None  # None: same as ``devices``
     dtypes: tuple[str, ...] = ()
     prior_kinds: tuple[str, ...] = ("none", "lag", "banded", "lowrank", "dense")
     supports_prior_grad: bool = True
