@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ...priors import DensePrior, Prior, lead4, sum_to
+from . import cpu_flash
 
 _NEG_INF = float("-inf")
 
@@ -78,6 +79,35 @@ class TilePlan:
             return tile.unsqueeze(2)
         return tile.reshape(bp, self.hkv, self.g, *tile.shape[2:])
 
+    def bias_tile(self, i0, i1, j0, j1) -> Tensor | None:
+        """``α·B`` with the causal and band masks as -inf, (Bp|1, Hq|1, bq, nk); None if all zero."""
+        tile = None
+        if self.prior is not None:
+            bias = self.prior.block(i0, i1, j0, j1, self.cdt)
+            alpha = self.alpha5.reshape(1, -1, 1, 1) if self.alpha5 is not None else self.alpha
+            tile = bias * alpha
+            if isinstance(self.prior, DensePrior):  # -inf in a user's dense bias masks for every alpha
+                tile = tile.masked_fill(bias == _NEG_INF, _NEG_INF)
+        vis = self.visible(i0, i1, j0, j1)
+        if vis is not None:
+            tile = torch.zeros((), dtype=self.cdt, device=self.device) if tile is None else tile
+            tile = tile.masked_fill(~vis, _NEG_INF)
+            if tile.dim() < 4:
+                tile = tile.reshape(1, 1, *tile.shape)
+        return tile
+
+    def visible(self, i0, i1, j0, j1) -> Tensor | None:
+        """Bool (bq, nk) of keys the causal and band masks leave visible, or None for all."""
+        vis = None
+        if self.causal:
+            i = torch.arange(i0, i1, device=self.device)[:, None]
+            vis = torch.arange(j0, j1, device=self.device)[None, :] <= i
+        if self.prior is not None:
+            pv = self.prior.visible(i0, i1, j0, j1)
+            if pv is not None:
+                vis = pv if vis is None else vis & pv
+        return vis
+
     def logits(self, i0, i1, j0, j1) -> tuple[Tensor, Tensor | None]:
         """(logits tile (B, Hkv, G, bq, nk), the prior tile in 5-D or None)."""
         qb = self.qg[..., i0:i1, :].to(self.cdt) * self.scale
@@ -89,13 +119,7 @@ class TilePlan:
             if isinstance(self.prior, DensePrior):  # -inf in a user's dense bias masks for every alpha
                 term = term.masked_fill(bias == _NEG_INF, _NEG_INF)
             s = s + term
-        vis = None
-        if self.causal:
-            vis = torch.arange(j0, j1, device=self.device)[None, :] <= torch.arange(i0, i1, device=self.device)[:, None]
-        if self.prior is not None:
-            pv = self.prior.visible(i0, i1, j0, j1)
-            if pv is not None:
-                vis = pv if vis is None else vis & pv
+        vis = self.visible(i0, i1, j0, j1)
         if vis is not None:
             s = s.masked_fill(~vis, _NEG_INF)
         if self.kpm5 is not None:
@@ -195,7 +219,7 @@ class BlockedAttentionFunction(torch.autograd.Function):
         alpha = alpha_t if alpha_t is not None else cfg["alpha"]
         seed = cfg["seed"]
         plan = TilePlan(q, k, v, prior, alpha, cfg["causal"], kpm, cfg["scale"], cfg["dropout_p"], seed)
-        out, lse = attention_fwd(plan)
+        out, lse = cpu_flash.forward(plan) if cpu_flash.usable(plan) else attention_fwd(plan)
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, out, lse, alpha_t, kpm, *prior_tensors)
         lse32 = lse.float()
@@ -211,9 +235,13 @@ class BlockedAttentionFunction(torch.autograd.Function):
         plan = TilePlan(q, k, v, prior, alpha, cfg["causal"], kpm, cfg["scale"], cfg["dropout_p"], cfg["seed"])
         nig = ctx.needs_input_grad
         need_alpha = alpha_t is not None and nig[4] and prior is not None
-        dq, dk, dv, dalpha, dprior = attention_bwd(
-            plan, out, lse, dout.contiguous(), nig[1], nig[2], nig[3], list(nig[6:]), need_alpha
-        )
+        if cpu_flash.backward_usable(plan, need_alpha or any(nig[6:])):
+            dq, dk, dv = cpu_flash.backward(plan, out, lse, dout)
+            dalpha, dprior = None, None
+        else:
+            dq, dk, dv, dalpha, dprior = attention_bwd(
+                plan, out, lse, dout.contiguous(), nig[1], nig[2], nig[3], list(nig[6:]), need_alpha
+            )
         grads_prior = []
         for t, gbuf in zip(prior_tensors, dprior or [None] * len(prior_tensors)):
             grads_prior.append(None if gbuf is None else gbuf.reshape(t.shape).to(t.dtype))

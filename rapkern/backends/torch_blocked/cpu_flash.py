@@ -1,0 +1,161 @@
+"""CPU fast path of the torch backend: PyTorch's fused flash kernel per query block.
+
+``aten::_scaled_dot_product_flash_attention_for_cpu`` takes a float ``attn_mask`` and returns the
+natural-log LSE, so each query block runs as one fused call with ``α·B + M`` as the mask tile. For a
+relative-lag prior (and for causal masking, which is a function of the lag too) the tile depends on
+i − j only: with the keys taken in reverse order it is a Hankel matrix, i.e. a strided *view* of a
+vector of bq + nk − 1 entries, so the bias costs no memory traffic at all. Other priors build the tile.
+
+Used when: CPU tensors, head dim of v equals that of q/k (the op's requirement), no dropout. Rows with
+no visible key are found exactly from interval counts (all masks here are intervals per row plus key
+padding) and get lse −inf (the op returns 0 output and 0 lse for them).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...priors import DensePrior, RelativeLagPrior
+
+_NEG_INF = float("-inf")
+_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def usable(plan) -> bool:
+    return (
+        _FWD is not None
+        and plan.device.type == "cpu"
+        and plan.d == plan.dv
+        and plan.dropout_p == 0
+        and plan.cdt in (torch.float32, torch.float64)
+    )
+
+
+def backward_usable(plan, need_prior_or_alpha: bool) -> bool:
+    return _BWD is not None and usable(plan) and not need_prior_or_alpha
+
+
+def dead_rows(plan) -> Tensor:
+    """Bool (B, 1, Lq): query rows that see no key (causal, band and padding are per-row intervals)."""
+    i = torch.arange(plan.lq, device=plan.device)
+    lo = torch.zeros_like(i)
+    hi = torch.full_like(i, plan.lk)
+    if plan.causal:
+        hi = torch.minimum(hi, i + 1)
+    if plan.prior is not None and plan.prior.masks_outside:
+        w = plan.prior.half_width
+        lo = torch.maximum(lo, i - w)
+        hi = torch.minimum(hi, i + w + 1)
+    lo = lo.clamp(max=plan.lk)
+    hi = torch.maximum(hi, lo)
+    if plan.kpm5 is None:
+        return (hi <= lo).reshape(1, 1, plan.lq)
+    kept = (~plan.kpm5.reshape(plan.b, plan.lk)).to(torch.int64).cumsum(-1)
+    kept = torch.nn.functional.pad(kept, (1, 0))
+    count = kept[:, hi] - kept[:, lo]
+    return (count == 0).unsqueeze(1)
+
+
+class _Frame:
+    """Keys in their own order, or reversed (for lag/causal tiles that are views)."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.reversed = plan.prior is None or isinstance(plan.prior, RelativeLagPrior)
+        k = plan.kc.squeeze(2)
+        v = plan.vc.squeeze(2)
+        self.k = k.flip(2) if self.reversed else k
+        self.v = v.flip(2) if self.reversed else v
+        self.kpm_bias = None
+        if plan.kpm5 is not None:
+            kb = torch.zeros(plan.b, 1, 1, plan.lk, dtype=plan.cdt, device=plan.device)
+            kb.masked_fill_(plan.kpm5.reshape(plan.b, 1, 1, plan.lk), _NEG_INF)
+            self.kpm_bias = kb.flip(-1) if self.reversed else kb
+        self.alpha_h = None  # (Hq, 1) for the lag vector
+        if self.reversed and plan.prior is not None:
+            a = plan.alpha5.reshape(-1, 1) if plan.alpha5 is not None else plan.alpha
+            self.alpha_h = a
+
+    def keys(self, j0, j1) -> slice:
+        lk = self.plan.lk
+        return slice(lk - j1, lk - j0) if self.reversed else slice(j0, j1)
+
+    def mask(self, i0, i1, j0, j1) -> Tensor | None:
+        p = self.plan
+        tile = self._lag_view(i0, i1, j0, j1) if self.reversed else p.bias_tile(i0, i1, j0, j1)
+        if self.kpm_bias is not None:
+            kb = self.kpm_bias[..., self.keys(j0, j1)]
+            tile = kb if tile is None else tile + kb
+        return tile
+
+    def _lag_view(self, i0, i1, j0, j1) -> Tensor | None:
+        """Reversed column c' is key j1-1-c', so lag = (i0 - j1 + 1) + r + c': a Hankel view."""
+        p = self.plan
+        nk, bq = j1 - j0, i1 - i0
+        lag0 = i0 - j1 + 1
+        lags = torch.arange(lag0, lag0 + bq + nk - 1, device=p.device)
+        if p.prior is None and not p.causal:
+            return None
+        if p.prior is None:
+            h = torch.zeros(1, lags.shape[0], dtype=p.cdt, device=p.device)
+        else:
+            w = p.prior.window
+            table = p.prior.table.to(p.cdt)
+            table = table.reshape(-1, table.shape[-1]) if table.dim() <= 2 else table
+            h = table[..., lags.clamp(-w, w) + w] * (self.alpha_h if self.alpha_h is not None else 1.0)
+        if p.causal:
+            h = h.masked_fill(lags < 0, _NEG_INF)
+        view = h.unfold(-1, nk, 1)  # (..., bq, nk), strides (N, 1, 1): no copy
+        return view if view.dim() == 4 else view.unsqueeze(0)
+
+
+def forward(plan) -> tuple[Tensor, Tensor]:
+    p = plan
+    fr = _Frame(p)
+    out = torch.zeros(p.b, p.hq, p.lq, p.dv, dtype=p.qg.dtype, device=p.device)
+    lse = torch.full((p.b, p.hq, p.lq), _NEG_INF, dtype=p.cdt, device=p.device)
+    q = p.qg.reshape(p.b, p.hq, p.lq, p.d)
+    for i0, i1, j0, j1 in p.blocks():
+        if j1 <= j0:
+            continue
+        ks = fr.keys(j0, j1)
+        mask = fr.mask(i0, i1, j0, j1)
+        o, l = _FWD(q[:, :, i0:i1].to(p.cdt), fr.k[:, :, ks], fr.v[:, :, ks], 0.0, False, attn_mask=mask, scale=p.scale)
+        if isinstance(p.prior, DensePrior):  # a user's -inf entries can empty a row: find it exactly
+            l = l.masked_fill((mask == _NEG_INF).all(-1), _NEG_INF)
+        out[:, :, i0:i1] = o.to(out.dtype)
+        lse[:, :, i0:i1] = l.to(p.cdt)
+    dead = dead_rows(p)
+    lse.masked_fill_(dead, _NEG_INF)
+    out.masked_fill_(dead.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def backward(plan, out: Tensor, lse: Tensor, dout: Tensor):
+    """dq, dk, dv (compute dtype) through the fused CPU backward, one query block at a time."""
+    p = plan
+    fr = _Frame(p)
+    q = p.qg.reshape(p.b, p.hq, p.lq, p.d)
+    lse_op = lse.masked_fill(lse == _NEG_INF, 0.0).to(p.cdt)  # dead rows: mask is all -inf -> p = 0
+    dq = torch.zeros(p.b, p.hq, p.lq, p.d, dtype=p.cdt, device=p.device)
+    dk = torch.zeros(p.b, p.hkv, p.lk, p.d, dtype=p.cdt, device=p.device)
+    dv = torch.zeros(p.b, p.hkv, p.lk, p.dv, dtype=p.cdt, device=p.device)
+    dead = dead_rows(p)
+    for i0, i1, j0, j1 in p.blocks():
+        if j1 <= j0:
+            continue
+        ks = fr.keys(j0, j1)
+        do = dout[:, :, i0:i1].to(p.cdt).masked_fill(dead[..., i0:i1, None], 0.0)
+        gq, gk, gv = _BWD(
+            do, q[:, :, i0:i1].to(p.cdt), fr.k[:, :, ks], fr.v[:, :, ks], out[:, :, i0:i1].to(p.cdt),
+            lse_op[:, :, i0:i1], 0.0, False,
+            attn_mask=fr.mask(i0, i1, j0, j1), scale=p.scale,
+        )
+        dq[:, :, i0:i1] = gq
+        dk[:, :, ks] += gk
+        dv[:, :, ks] += gv
+    if fr.reversed:
+        dk, dv = dk.flip(2), dv.flip(2)
+    return dq, dk, dv
