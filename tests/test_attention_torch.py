@@ -376,8 +376,8 @@ def test_dense_all_neg_inf_row(many_blocks):
 def test_nan_padded_buffers_no_oob_read(many_blocks):
     """Inputs cut out of NaN-padded buffers: an out-of-bounds read would show up as NaN.
 
-    Bitwise equal to the contiguous run for lag priors; the band-masked path slices keys at j0 > 0 from
-    a strided buffer, where BLAS may round differently (observed: 2.4e-7), so only closeness is required.
+    Not required bitwise equal to the contiguous run: tiles sliced out of a strided buffer may take
+    another BLAS path and round differently (observed up to ~4e-7), so only closeness is required.
     """
     b, h, lq, lk, d = 2, 2, 33, 21, 16
     gen = _gen(0)
@@ -390,21 +390,18 @@ def test_nan_padded_buffers_no_oob_read(many_blocks):
 
     kpm = padding_mask(b, lk)
     cases = [
-        ("lag", RelativeLagPrior(torch.randn(h, 7, generator=gen)), True),
-        ("dense", DensePrior(torch.randn(lq, lk, generator=gen)), True),
-        ("banded_masked", BandedPrior(torch.randn(lq, 5, generator=gen), True), False),
+        ("lag", RelativeLagPrior(torch.randn(h, 7, generator=gen))),
+        ("dense", DensePrior(torch.randn(lq, lk, generator=gen))),
+        ("banded_masked", BandedPrior(torch.randn(lq, 5, generator=gen), True)),
     ]
-    for name, prior, bitwise in cases:
+    for name, prior in cases:
         for causal in (False, True):
             a = rapkern.attention(q0, k0, v0, prior=prior, causal=causal, key_padding_mask=kpm, return_lse=True)
             bb = rapkern.attention(nan_pad(q0), nan_pad(k0), nan_pad(v0), prior=prior, causal=causal,
                                    key_padding_mask=kpm, return_lse=True)
             assert not torch.isnan(bb[0]).any() and not torch.isnan(bb[1]).any(), name
-            if bitwise:
-                assert torch.equal(a[0], bb[0]) and torch.equal(a[1], bb[1]), name
-            else:
-                torch.testing.assert_close(bb[0], a[0], atol=1e-6, rtol=1e-6)
-                torch.testing.assert_close(bb[1], a[1], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(bb[0], a[0], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(bb[1], a[1], atol=1e-6, rtol=1e-6)
 
 
 def test_strided_inputs_and_noncontiguous_dout(many_blocks):
