@@ -5,6 +5,8 @@ from __future__ import annotations
 from .. import dispatch
 from .reference import ReferenceBackend
 from .torch_blocked import TorchBackend
+from .triton_attention import TritonBackend
 
 dispatch.register(TorchBackend(), priority=0)
+dispatch.register(TritonBackend(), priority=0)
 dispatch.register(ReferenceBackend(), priority=99)

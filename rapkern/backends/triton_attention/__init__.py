@@ -1,0 +1,78 @@
+"""The "triton" backend: fused FlashAttention-2-style kernels that read the prior compactly in-kernel.
+
+Algorithm: forward is an online softmax over key tiles (exp2, fp32 accumulators) that adds ``α_h·B`` with
+B gathered from the compact prior per tile (lag table gather, band read inside the band, low-rank
+u·vᵀ product, dense tiles through strides with stride 0 on broadcast dims). Causal and banded
+``mask_outside`` priors shrink the loop bounds, so banded work grows as L·w. Backward recomputes tiles
+from the LSE in two kernels (dq and dk/dv), writes prior-gradient partials per block and reduces them
+on the host in a fixed order: no atomics, bitwise-reproducible gradients.
+
+Limits (each is a reason, never a crash): fp16/bf16/fp32; head dims D, Dv <= 256; unit last stride on
+q, k, v; low-rank rank <= 128; a lag table whose gradient is needed has 2W+1 <= 4095 entries; CPU
+tensors only under ``TRITON_INTERPRET=1``.
+
+Hardware: written for sm80/sm90 (autotune configs in configs.py); CPU-tested through the Triton
+interpreter and compiled ahead of time for sm_80/sm_90 in CI. Not yet timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..base import Backend
+
+_IMPORT_ERROR: str | None = None
+try:  # never fail at import on a machine without triton
+    from .function import triton_attention
+except Exception as e:  # pragma: no cover - depends on the machine
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    triton_attention = None
+
+MAX_HEAD_DIM = 256
+MAX_RANK = 128
+MAX_LAG_GRAD_ENTRIES = 4095
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    devices = ("cuda", "cpu")
+    auto_devices = ("cuda",)
+    dtypes = ("float16", "bfloat16", "float32")
+    deterministic = True
+
+    def availability(self):
+        if _IMPORT_ERROR is not None:
+            return f"triton not importable: {_IMPORT_ERROR}"
+        return None
+
+    def attention_reasons(self, p):
+        why = []
+        dev = p.device.type
+        if dev not in self.devices:
+            why.append(f"device type {dev!r} not in {self.devices}")
+        elif dev == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            why.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+        elif dev == "cpu" and p.dtype == torch.bfloat16:
+            why.append("bfloat16 is not supported by the Triton interpreter (CPU tensors)")
+        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            why.append(f"dtype {p.dtype} not supported (float16, bfloat16, float32)")
+        if p.head_dim > MAX_HEAD_DIM or p.head_dim_v > MAX_HEAD_DIM:
+            why.append(f"head dims D = {p.head_dim}, Dv = {p.head_dim_v} must be <= {MAX_HEAD_DIM}")
+        for name, t in (("q", p.q), ("k", p.k), ("v", p.v)):
+            if t.stride(-1) != 1 and t.shape[-1] > 1:
+                why.append(f"{name} must have unit stride in its last dim, got stride {t.stride(-1)}")
+        if p.prior is not None:
+            if p.prior.kind == "lowrank" and p.prior.rank > MAX_RANK:
+                why.append(f"LowRankPrior rank {p.prior.rank} > {MAX_RANK}")
+            if p.prior.kind == "lag" and p.prior.table.requires_grad:
+                n = p.prior.table.shape[-1]
+                if n > MAX_LAG_GRAD_ENTRIES:
+                    why.append(
+                        f"RelativeLagPrior table with {n} > {MAX_LAG_GRAD_ENTRIES} entries cannot get a gradient"
+                    )
+        return why
+
+    def attention(self, p):
+        return triton_attention(p)

@@ -1,0 +1,69 @@
+"""TritonAttentionFunction: saves tensors and calls the launchers. Nothing else."""
+
+from __future__ import annotations
+
+import torch
+
+from .launch import PriorPack, attention_bwd, attention_fwd, reduce_prior_grads
+
+
+class TritonAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg, q, k, v, alpha_t, kpm, *prior_tensors):
+        prior = None if cfg["prior"] is None else cfg["prior"].with_tensors(*prior_tensors)
+        alpha = alpha_t if alpha_t is not None else cfg["alpha"]
+        pack = PriorPack(prior, q)
+        out, lse = attention_fwd(q, k, v, pack, alpha, kpm, cfg["causal"], cfg["scale"], cfg["dropout_p"], cfg["seed"])
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v, out, lse, alpha_t, kpm, *prior_tensors)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, alpha_t, kpm, *prior_tensors = ctx.saved_tensors
+        cfg = ctx.cfg
+        prior = None if cfg["prior"] is None else cfg["prior"].with_tensors(*prior_tensors)
+        alpha = alpha_t if alpha_t is not None else cfg["alpha"]
+        nig = ctx.needs_input_grad
+        need_dprior = prior is not None and any(nig[6:])
+        need_dalpha = alpha_t is not None and nig[4] and prior is not None
+        pack = PriorPack(prior, q)
+        dq, dk, dv, dalpha, grads = attention_bwd(
+            q, k, v, out, lse, dout, pack, alpha, kpm, cfg["causal"], cfg["scale"], cfg["dropout_p"],
+            cfg["seed"], need_dprior, need_dalpha,
+        )
+        grads_prior = [None] * len(prior_tensors)
+        if need_dprior:
+            reduced = reduce_prior_grads(prior_tensors, grads, prior.kind)
+            grads_prior = [g if need else None for g, need in zip(reduced, nig[6:])]
+        dalpha_out = None
+        if alpha_t is not None and nig[4]:
+            if dalpha is None:
+                dalpha = torch.zeros(q.shape[1], dtype=torch.float32, device=q.device)
+            dalpha_out = (dalpha.sum() if alpha_t.dim() == 0 else dalpha).to(alpha_t.dtype)
+        return (
+            None,
+            dq if nig[1] else None,
+            dk if nig[2] else None,
+            dv if nig[3] else None,
+            dalpha_out,
+            None,
+            *grads_prior,
+        )
+
+
+def triton_attention(p):
+    """Run an ``AttentionProblem`` through the Triton autograd function; returns (out, lse float32)."""
+    alpha_t = p.alpha if isinstance(p.alpha, torch.Tensor) else None
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p.dropout_p > 0 else 0
+    cfg = {
+        "prior": p.prior,
+        "alpha": p.alpha if alpha_t is None else None,
+        "causal": p.causal,
+        "scale": p.scale,
+        "dropout_p": p.dropout_p,
+        "seed": seed,
+    }
+    prior_tensors = () if p.prior is None else p.prior.tensors()
+    return TritonAttentionFunction.apply(cfg, p.q, p.k, p.v, alpha_t, p.key_padding_mask, *prior_tensors)

@@ -1,0 +1,245 @@
+"""Launchers: allocate outputs, pack the prior into pointer + strides, pick blocks, launch.
+
+No validation here (the backend's reasons and rapkern.validate do that). Under ``TRITON_INTERPRET=1``
+(CPU tensors) a fixed small config runs without autotuning; on CUDA the kernels are autotuned over
+configs.py, keyed on a power-of-two bucket of Lq and Lk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ...priors import lead4, sum_to
+from . import configs as C
+from ._bwd_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from ._fwd_kernel import _attn_fwd_kernel
+
+_KIND = {"none": 0, "lag": 1, "banded": 2, "lowrank": 3, "dense": 4}
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _arch() -> int:
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def _prune(kind):
+    def prune(configs, named_args, **kwargs):
+        dpad = max(named_args.get("D_PAD", kwargs.get("D_PAD", 64)), named_args.get("DV_PAD", kwargs.get("DV_PAD", 64)))
+        want = C.configs_for(kind, _arch(), dpad)
+        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+        return keep or configs[-1:]
+
+    return prune
+
+
+def _cfgs(kind, lag=False):
+    out = []
+    for bm, bn, w, s in C.all_configs(kind):
+        kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+        if lag:
+            kw["LAG_T"] = 2 * max(bm, bn)
+        out.append(triton.Config(kw, num_warps=w, num_stages=s))
+    return out
+
+
+_KEY = ["LQ_BUCKET", "LK_BUCKET", "PRIOR", "MASK_OUT", "CAUSAL", "HAS_KPM", "DROPOUT", "D_PAD", "DV_PAD"]
+_fwd_tuned = triton.autotune(_cfgs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})(
+    _attn_fwd_kernel
+)
+_dq_tuned = triton.autotune(
+    _cfgs("bwd"), key=_KEY + ["NEED_DPRIOR", "NEED_DALPHA"],
+    prune_configs_by={"early_config_prune": _prune("bwd")}, reset_to_zero=["DA"],
+)(_attn_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(
+    _cfgs("bwd", lag=True), key=_KEY + ["NEED_DPRIOR"],
+    prune_configs_by={"early_config_prune": _prune("bwd")}, reset_to_zero=["DL"],
+)(_attn_bwd_dkdv_kernel)
+
+
+def _lead_strides(t: torch.Tensor) -> tuple[int, int]:
+    return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
+
+
+class PriorPack:
+    """Pointer + strides for the kernels (stride 0 on broadcast lead dims; never an expanded copy)."""
+
+    def __init__(self, prior, dummy: torch.Tensor):
+        self.kind = "none" if prior is None else prior.kind
+        self.code = _KIND[self.kind]
+        self.mask_out = bool(getattr(prior, "mask_outside", False))
+        self.r_pad = 16
+        z = (0, 0, 0, 0)
+        self.p, self.ps, self.p2, self.p2s, self.pw = dummy, z, dummy, z, 0
+        if prior is None:
+            return
+        if self.kind == "lag":
+            t = lead4(prior.table, 1)
+            self.p, self.ps, self.pw = t, (*_lead_strides(t), 0, t.stride(2)), prior.window
+        elif self.kind in ("banded", "dense"):
+            t = lead4(prior.tensors()[0], 2)
+            self.p, self.ps = t, (*_lead_strides(t), t.stride(2), t.stride(3))
+            self.pw = prior.half_width if self.kind == "banded" else 0
+        else:
+            u, v = lead4(prior.u, 2), lead4(prior.v, 2)
+            self.p, self.ps = u, (*_lead_strides(u), u.stride(2), u.stride(3))
+            self.p2, self.p2s = v, (*_lead_strides(v), v.stride(2), v.stride(3))
+            self.pw, self.r_pad = prior.rank, C.pad_dim(prior.rank)
+
+    def args(self):
+        return (self.p, *self.ps, self.p2, *self.p2s, self.pw)
+
+
+def _alpha_vec(alpha, hq: int, device) -> torch.Tensor:
+    if isinstance(alpha, torch.Tensor):
+        return alpha.detach().to(torch.float32).expand(hq).contiguous()
+    return torch.full((hq,), float(alpha), dtype=torch.float32, device=device)
+
+
+def _kpm(kpm, dummy):
+    if kpm is None:
+        return dummy, 0, False
+    k8 = kpm.contiguous().view(torch.uint8)
+    return k8, k8.stride(0), True
+
+
+def attention_fwd(q, k, v, pack: PriorPack, alpha, kpm, causal, scale, dropout_p, seed):
+    b, hq, lq, d = q.shape
+    hkv, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(b, hq, lq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, lq, dtype=torch.float32, device=q.device)
+    if lq == 0 or b * hq == 0:
+        return out, lse
+    kpm_t, skpm, has_kpm = _kpm(kpm, q)
+    alpha_v = _alpha_vec(alpha, hq, q.device)
+    args = (
+        q, k, v, out, lse, alpha_v, kpm_t, *pack.args(),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), skpm,
+        hq, lq, lk, d, dv, hq // hkv, scale * LOG2E, float(dropout_p), int(seed),
+        C.length_bucket(lq), C.length_bucket(lk),
+    )
+    const = dict(
+        PRIOR=pack.code, MASK_OUT=pack.mask_out, R_PAD=pack.r_pad, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        DROPOUT=dropout_p > 0, D_PAD=C.pad_dim(d), DV_PAD=C.pad_dim(dv), IEEE=q.dtype == torch.float32,
+    )
+    if interpreting() or q.device.type != "cuda":
+        bm, bn, w, s = C.INTERPRET_FWD
+        grid = (triton.cdiv(lq, bm), b * hq)
+        _attn_fwd_kernel[grid](*args, **const, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    else:
+        grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+        _fwd_tuned[grid](*args, **const)
+    return out, lse
+
+
+def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, scale, dropout_p, seed,
+                  need_dprior: bool, need_dalpha: bool):
+    """Returns (dq, dk, dv, dalpha per head or None, [grad per prior tensor (lead4-shaped) or None])."""
+    b, hq, lq, d = q.shape
+    hkv, lk, dvd = k.shape[1], k.shape[2], v.shape[3]
+    dev = q.device
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq = torch.empty(b, hq, lq, d, dtype=q.dtype, device=dev)
+    dk = torch.empty(b, hkv, lk, d, dtype=k.dtype, device=dev)
+    dv = torch.empty(b, hkv, lk, dvd, dtype=v.dtype, device=dev)
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    kpm_t, skpm, has_kpm = _kpm(kpm, q)
+    alpha_v = _alpha_vec(alpha, hq, dev)
+    f32 = dict(dtype=torch.float32, device=dev)
+    min_block = 16
+    nmb, nnb = triton.cdiv(max(lq, 1), min_block), triton.cdiv(max(lk, 1), min_block)
+
+    # prior-gradient scratch: dq kernel owns row-indexed grads, dkdv kernel key-indexed ones
+    dpr_q, dpr_q_r, dpr_k, dpr_k_r = q, 0, q, 0
+    dl, dl_bh, win_pad = q, 0, 16
+    kind = pack.kind
+    if need_dprior:
+        if kind == "banded":
+            dpr_q_r = 2 * pack.pw + 1
+            dpr_q = torch.zeros(b, hq, lq, dpr_q_r, **f32)
+        elif kind == "dense":
+            dpr_q_r = lk
+            dpr_q = torch.zeros(b, hq, lq, lk, **f32)
+        elif kind == "lowrank":
+            dpr_q_r = dpr_k_r = pack.pw
+            dpr_q = torch.zeros(b, hq, lq, pack.pw, **f32)
+            dpr_k = torch.zeros(b, hq, lk, pack.pw, **f32)
+        elif kind == "lag":
+            n = 2 * pack.pw + 1
+            dl_bh = nnb * n
+            dl = torch.zeros(b * hq, nnb, n, **f32)
+            win_pad = max(16, triton.next_power_of_2(n))
+    da = torch.zeros(b * hq, nmb, **f32) if need_dalpha else q
+
+    common = dict(
+        PRIOR=pack.code, MASK_OUT=pack.mask_out, R_PAD=pack.r_pad, CAUSAL=bool(causal), HAS_KPM=has_kpm,
+        DROPOUT=dropout_p > 0, D_PAD=C.pad_dim(d), DV_PAD=C.pad_dim(dvd), IEEE=q.dtype == torch.float32,
+        NEED_DPRIOR=bool(need_dprior),
+    )
+    tail = (hq // hkv, scale * LOG2E, scale, float(dropout_p), int(seed), C.length_bucket(lq), C.length_bucket(lk))
+    dq_args = (
+        q, k, v, dout, lse, delta, dq, alpha_v, kpm_t, *pack.args(), dpr_q, dpr_q_r, da, nmb,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), skpm, hq, lq, lk, d, dvd, *tail,
+    )
+    dkdv_args = (
+        q, k, v, dout, lse, delta, dk, dv, alpha_v, kpm_t, *pack.args(), dpr_k, dpr_k_r, dl, dl_bh,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), skpm,
+        hq, hkv, lq, lk, d, dvd, *tail,
+    )
+    if lq > 0 and lk > 0 and b * hq > 0:
+        if interpreting() or dev.type != "cuda":
+            bm, bn, w, s = C.INTERPRET_BWD
+            _attn_bwd_dq_kernel[(triton.cdiv(lq, bm), b * hq)](
+                *dq_args, **common, NEED_DALPHA=bool(need_dalpha), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s
+            )
+            _attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
+                *dkdv_args, **common, WIN_PAD=win_pad, BLOCK_M=bm, BLOCK_N=bn, LAG_T=2 * max(bm, bn),
+                num_warps=w, num_stages=s,
+            )
+        else:
+            _dq_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)](
+                *dq_args, **common, NEED_DALPHA=bool(need_dalpha)
+            )
+            _dkdv_tuned[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
+                *dkdv_args, **common, WIN_PAD=win_pad
+            )
+    else:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+
+    dalpha = da.view(b, hq, nmb).sum(dim=(0, 2)) if need_dalpha else None
+    grads = []
+    if need_dprior:
+        if kind == "lag":
+            grads = [dl.view(b, hq, nnb, -1).sum(2)]
+        elif kind == "lowrank":
+            grads = [dpr_q, dpr_k]
+        else:
+            grads = [dpr_q]
+    return dq, dk, dv, dalpha, grads
+
+
+def reduce_prior_grads(prior_tensors, grads, kind: str):
+    """Sum the (B, Hq, ...) per-head grads to each prior tensor's broadcast lead dims, in its dtype."""
+    out = []
+    for t, g in zip(prior_tensors, grads):
+        trailing = 1 if kind == "lag" else 2
+        shape = tuple(lead4(t, trailing).shape)
+        out.append(sum_to(g, shape[:2] + tuple(g.shape[2:])).reshape(t.shape).to(t.dtype))
+    return out
+
+
