@@ -21,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Test tensors are tiny: intra-op threads only add overhead, and with pytest-xdist's workers on a
+    small shared CPU their spin-waits cost several times the wall time. One thread per test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,7 +17,7 @@ from rapkern import BandedPrior, DensePrior, LowRankPrior, RelativeLagPrior
 from rapkern.testing import assert_close_to_reference, reference_attention
 
 # Rounding floors, relative to max|reference| of the compared tensor (at least 1).
-FLOOR = {torch.float64: 1e-11, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FLOOR = {torch.float64: 1e-11, torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
 LSE_FLOOR = {torch.float64: 2e-6, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 PRIOR_KINDS = ["none", "lag", "banded", "banded_masked", "lowrank", "dense"]
@@ -27,6 +27,17 @@ PRIOR_KINDS = ["none", "lag", "banded", "banded_masked", "lowrank", "dense"]
 def many_blocks(monkeypatch):
     """Force the smallest query blocks (16 rows) so every length > 16 walks several tiles."""
     monkeypatch.setenv("RAPKERN_TORCH_TILE_MB", "0.001")
+
+
+@pytest.fixture(params=["cpu-fused", "blocked"])
+def path(request, monkeypatch):
+    """Run on CPU through the fused SDPA fast path (where it applies) or force the blocked tile loop,
+    which is what the torch backend runs on CUDA and with dropout or Dv != D."""
+    if request.param == "blocked":
+        from rapkern.backends.torch_blocked import cpu_flash
+
+        monkeypatch.setattr(cpu_flash, "usable", lambda plan: False)
+    return request.param
 
 
 def _gen(seed):
@@ -110,6 +121,7 @@ def run_case(q, k, v, *, prior=None, alpha=1.0, causal=False, key_padding_mask=N
 
     assert got[0].dtype == dtype and got[0].shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     assert got[1].dtype == torch.float32 and got[1].shape == q.shape[:3]
+    got, ref, low = ([x.detach() for x in r[:2]] + [r[2]] for r in (got, ref, low))
     assert_close_to_reference("out", got[0], ref[0], low[0], _floor(dtype, ref[0]))
     assert_close_to_reference("lse", got[1], ref[1], low[1], _floor(dtype, ref[1], LSE_FLOOR))
     # -inf LSE exactly where the reference has it
@@ -147,7 +159,7 @@ MASKS = ["plain", "causal", "padding", "causal+padding"]
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("lq,lk", LENGTHS, ids=[f"Lq{a}-Lk{b}" for a, b in LENGTHS])
 @pytest.mark.parametrize("kind", PRIOR_KINDS)
-def test_prior_x_mask_x_length_fp32(kind, lq, lk, mask, many_blocks):
+def test_prior_x_mask_x_length_fp32(kind, lq, lk, mask, many_blocks, path):
     """Every prior x causal x padding x length (incl. Lq != Lk), GQA, per-head alpha with a zero head."""
     b, hq, hkv, d = 2, 4, 2, 16
     q, k, v = qkv(b, hq, hkv, lq, lk, d, seed=lq * 1000 + lk)
@@ -155,6 +167,23 @@ def test_prior_x_mask_x_length_fp32(kind, lq, lk, mask, many_blocks):
     alpha = torch.tensor([0.7, 0.0, -1.3, 2.0], requires_grad=True)
     kpm = padding_mask(b, lk, seed=lq) if "padding" in mask else None
     run_case(q, k, v, prior=prior, alpha=alpha, causal="causal" in mask, key_padding_mask=kpm)
+
+
+FAST_LENGTHS = [(1, 1), (17, 97), (97, 17), (203, 203)]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("lq,lk", FAST_LENGTHS, ids=[f"Lq{a}-Lk{b}" for a, b in FAST_LENGTHS])
+@pytest.mark.parametrize("kind", PRIOR_KINDS)
+def test_prior_without_grad_fused_backward_fp32(kind, lq, lk, mask, many_blocks, path):
+    """Prior tensors and alpha that need no gradient: on CPU the backward may take the fused path."""
+    b, hq, hkv, d = 2, 4, 2, 16
+    q, k, v = qkv(b, hq, hkv, lq, lk, d, seed=lq * 7 + lk)
+    prior = make_prior(kind, (hq,), lq, lk, gen=_gen(lq), dtype=torch.float32, requires_grad=False)
+    kpm = padding_mask(b, lk, seed=lk) if "padding" in mask else None
+    run_case(q, k, v, prior=prior, alpha=torch.tensor([0.7, 0.0, -1.3, 2.0]), causal="causal" in mask,
+             key_padding_mask=kpm)
+    run_case(q, k, v, prior=prior, alpha=1.5, causal="causal" in mask, key_padding_mask=kpm)
 
 
 @pytest.mark.parametrize("kind", PRIOR_KINDS)
@@ -168,7 +197,7 @@ def test_one_block_default_tile_fp32(kind, lq, lk):
 
 @pytest.mark.parametrize("d,dv", [(16, 16), (40, 40), (64, 64), (80, 80), (40, 24)], ids=lambda x: str(x))
 @pytest.mark.parametrize("kind", ["lag", "lowrank", "dense"])
-def test_head_dims_fp32(kind, d, dv, many_blocks):
+def test_head_dims_fp32(kind, d, dv, many_blocks, path):
     q, k, v = qkv(2, 3, 1, 33, 45, d, dv, seed=d)
     prior = make_prior(kind, (1, 3), 33, 45, gen=_gen(d), dtype=torch.float32)
     run_case(q, k, v, prior=prior, alpha=torch.tensor(0.5, requires_grad=True), causal=True)
@@ -176,7 +205,7 @@ def test_head_dims_fp32(kind, d, dv, many_blocks):
 
 @pytest.mark.parametrize("kind", PRIOR_KINDS)
 @pytest.mark.parametrize("mask", ["plain", "causal+padding"])
-def test_float64(kind, mask, many_blocks):
+def test_float64(kind, mask, many_blocks, path):
     lq, lk = 37, 29
     q, k, v = qkv(2, 2, 2, lq, lk, 16, dtype=torch.float64, seed=11)
     prior = make_prior(kind, (2, 2), lq, lk, gen=_gen(12))
@@ -187,7 +216,7 @@ def test_float64(kind, mask, many_blocks):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kind", PRIOR_KINDS)
-def test_half_precision(kind, dtype, many_blocks):
+def test_half_precision(kind, dtype, many_blocks, path):
     lq, lk = 41, 23
     q, k, v = qkv(2, 2, 1, lq, lk, 16, dtype=dtype, seed=21)
     prior = make_prior(kind, (2,), lq, lk, gen=_gen(22), dtype=dtype)
@@ -196,7 +225,7 @@ def test_half_precision(kind, dtype, many_blocks):
     assert out.dtype == dtype and lse.dtype == torch.float32
 
 
-def test_fp16_large_inputs_no_overflow(many_blocks):
+def test_fp16_large_inputs_no_overflow(many_blocks, path):
     """Inputs of magnitude 256 with head dim 80 (PyTorch #160841): half inputs are computed in fp32."""
     q, k, v = qkv(1, 2, 2, 33, 33, 80, dtype=torch.float16, seed=4)
     with torch.no_grad():
@@ -206,7 +235,7 @@ def test_fp16_large_inputs_no_overflow(many_blocks):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_scaled_inputs_odd_lengths_backward(many_blocks):
+def test_scaled_inputs_odd_lengths_backward(many_blocks, path):
     """FA bwd_overflow: q*5, k*3, odd lengths, Lk < block."""
     for lq, lk in [(1, 1), (2, 5), (17, 5), (5, 17)]:
         q, k, v = qkv(2, 2, 2, lq, lk, 16, seed=lq + lk)
@@ -219,7 +248,7 @@ def test_scaled_inputs_odd_lengths_backward(many_blocks):
     "lead", [(), (1,), (4,), (1, 1), (1, 4), (2, 1), (2, 4)], ids=lambda s: "lead" + "x".join(map(str, s or ("0",)))
 )
 @pytest.mark.parametrize("kind", ["lag", "banded", "banded_masked", "lowrank", "dense"])
-def test_prior_leading_dims_broadcast(kind, lead, many_blocks):
+def test_prior_leading_dims_broadcast(kind, lead, many_blocks, path):
     """Leading dims (), (Hp,), (Bp, Hp) with Bp in {1, B}, Hp in {1, Hq}: gradients reduce correctly."""
     q, k, v = qkv(2, 4, 2, 19, 21, 16, seed=9)
     prior = make_prior(kind, lead, 19, 21, gen=_gen(10), dtype=torch.float32)
@@ -266,17 +295,47 @@ def test_custom_scale_against_reference(many_blocks):
     run_case(q, k, v, prior=make_prior("lag", (), 30, 30, gen=_gen(1), dtype=torch.float32), scale=0.05)
 
 
-def test_alpha_zero_head_sees_no_prior(many_blocks):
+@pytest.mark.parametrize("kind", ["lag", "banded", "lowrank", "dense"])
+def test_alpha_zero_head_sees_no_prior(kind, path, many_blocks):
     """Heads with alpha = 0 equal attention without a prior; others do not."""
     q, k, v = qkv(1, 2, 2, 25, 25, 16, dtype=torch.float64, seed=2)
-    prior = make_prior("dense", (2,), 25, 25, gen=_gen(3), requires_grad=False)
-    out = rapkern.attention(q, k, v, prior=prior, alpha=torch.tensor([0.0, 1.0], dtype=torch.float64))
-    plain = rapkern.attention(q, k, v)
+    prior = make_prior(kind, (2,), 25, 25, gen=_gen(3), requires_grad=False)
+    out = rapkern.attention(q, k, v, prior=prior, alpha=torch.tensor([0.0, 1.0], dtype=torch.float64), causal=True)
+    plain = rapkern.attention(q, k, v, causal=True)
     torch.testing.assert_close(out[:, 0], plain[:, 0], atol=1e-12, rtol=0)
     assert (out[:, 1] - plain[:, 1]).abs().max() > 1e-3
+    zero = rapkern.attention(q, k, v, prior=prior, alpha=0.0, causal=True)
+    torch.testing.assert_close(zero, plain, atol=1e-12, rtol=0)
 
 
-def test_alpha_zero_keeps_band_mask(many_blocks):
+def test_mixed_dtype_prior_and_alpha(path, many_blocks):
+    """Prior tensors and alpha may have another floating dtype than q: results and grad dtypes follow."""
+    q, k, v = qkv(1, 2, 2, 19, 23, 16, seed=3)
+    gen = _gen(4)
+    cases = [
+        RelativeLagPrior(torch.randn(2, 5, generator=gen, dtype=torch.float64).requires_grad_()),
+        BandedPrior(torch.randn(19, 3, generator=gen).half().requires_grad_(), True),
+        LowRankPrior(torch.randn(19, 2, generator=gen, dtype=torch.float64).requires_grad_(),
+                     torch.randn(23, 2, generator=gen).bfloat16().requires_grad_()),
+        DensePrior(torch.randn(19, 23, generator=gen, dtype=torch.float64).requires_grad_()),
+    ]
+    for prior in cases:
+        alpha = torch.tensor([0.5, 1.5], dtype=torch.float64, requires_grad=True)
+        out = rapkern.attention(q, k, v, prior=prior, alpha=alpha, causal=True)
+        assert out.dtype == torch.float32
+        leaves = [q, k, v, alpha, *prior.tensors()]
+        grads = torch.autograd.grad(out.sum(), leaves)
+        l64 = [x.detach().double().requires_grad_() for x in leaves]
+        p64 = prior.with_tensors(*l64[4:])
+        ref = reference_attention(*l64[:3], prior=p64, alpha=l64[3], causal=True)
+        torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=0)
+        for g, r, t in zip(grads, torch.autograd.grad(ref.sum(), l64), leaves):
+            assert g.dtype == t.dtype
+            tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(t.dtype, 2e-5) * max(1.0, float(r.abs().max()))
+            torch.testing.assert_close(g.double(), r, atol=tol, rtol=0)
+
+
+def test_alpha_zero_keeps_band_mask(many_blocks, path):
     """mask_outside=True is a mask, not a bias: with alpha = 0 the band still restricts the keys."""
     lq = lk = 30
     w = 2
@@ -293,7 +352,7 @@ def test_alpha_zero_keeps_band_mask(many_blocks):
     run_case(q, k, v, prior=prior, alpha=torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True))
 
 
-def test_dense_neg_inf_masks_for_every_alpha(many_blocks):
+def test_dense_neg_inf_masks_for_every_alpha(many_blocks, path):
     """-inf in a user's dense bias masks the key even for alpha = 0 (and yields no NaN in alpha's grad)."""
     lq, lk = 20, 20
     q, k, v = qkv(1, 2, 2, lq, lk, 16, dtype=torch.float64, seed=6)
@@ -317,7 +376,7 @@ def _assert_dead_rows(out, lse, dq, dead):
 
 
 @pytest.mark.parametrize("kind", PRIOR_KINDS)
-def test_fully_padded_batch_element(kind, many_blocks):
+def test_fully_padded_batch_element(kind, many_blocks, path):
     b, h, lq, lk = 2, 2, 27, 33  # lq <= lk: the band of batch 0 is never empty
     q, k, v = qkv(b, h, h, lq, lk, 16, seed=1)
     kpm = torch.zeros(b, lk, dtype=torch.bool)
@@ -335,7 +394,7 @@ def test_fully_padded_batch_element(kind, many_blocks):
 
 
 @pytest.mark.parametrize("kind", PRIOR_KINDS)
-def test_causal_with_first_keys_padded(kind, many_blocks):
+def test_causal_with_first_keys_padded(kind, many_blocks, path):
     """Causal top-left + padding of keys 0..2: queries 0..2 see no key."""
     b, h, lq, lk = 1, 2, 40, 40
     q, k, v = qkv(b, h, h, lq, lk, 16, seed=2)
@@ -349,7 +408,7 @@ def test_causal_with_first_keys_padded(kind, many_blocks):
     _assert_dead_rows(out, lse, grads["q"], dead)
 
 
-def test_banded_mask_rows_beyond_keys(many_blocks):
+def test_banded_mask_rows_beyond_keys(many_blocks, path):
     """mask_outside band with Lq > Lk + w: rows past the keys see nothing (key_range is empty there)."""
     lq, lk, w = 60, 10, 2
     q, k, v = qkv(1, 2, 2, lq, lk, 16, seed=3)
@@ -367,10 +426,29 @@ def test_dense_all_neg_inf_row(many_blocks):
     q, k, v = qkv(1, 1, 1, lq, lk, 16, seed=4)
     bias = torch.randn(lq, lk)
     bias[::4] = float("-inf")
-    out, lse, grads = run_case(q, k, v, prior=DensePrior(bias.requires_grad_()), alpha=torch.tensor(1.0, requires_grad=True))
+    alpha = torch.tensor(1.0, requires_grad=True)
+    out, lse, grads = run_case(q, k, v, prior=DensePrior(bias.requires_grad_()), alpha=alpha)
     dead = torch.zeros(1, 1, lq, dtype=torch.bool)
     dead[..., ::4] = True
     _assert_dead_rows(out, lse, grads["q"], dead)
+
+
+@pytest.mark.parametrize("prior_grad", [False, True], ids=["fused-bwd", "blocked-bwd"])
+def test_dense_all_neg_inf_row_and_padded_batch(prior_grad, many_blocks, path):
+    """Rows emptied by a dense -inf row and by padding every key, with and without prior gradients."""
+    b, lq, lk = 2, 20, 8
+    q, k, v = qkv(b, 2, 2, lq, lk, 16, seed=5)
+    bias = torch.randn(lq, lk)
+    bias[::4] = float("-inf")
+    kpm = torch.zeros(b, lk, dtype=torch.bool)
+    kpm[1] = True
+    bias.requires_grad_(prior_grad)
+    out, lse, grads = run_case(q, k, v, prior=DensePrior(bias), alpha=0.5, key_padding_mask=kpm)
+    dead = torch.zeros(b, 2, lq, dtype=torch.bool)
+    dead[..., ::4] = True
+    dead[1] = True
+    _assert_dead_rows(out, lse, grads["q"], dead)
+    assert all(torch.isfinite(g).all() for g in grads.values())
 
 
 def test_nan_padded_buffers_no_oob_read(many_blocks):
@@ -404,7 +482,7 @@ def test_nan_padded_buffers_no_oob_read(many_blocks):
             torch.testing.assert_close(bb[1], a[1], atol=1e-6, rtol=1e-6)
 
 
-def test_strided_inputs_and_noncontiguous_dout(many_blocks):
+def test_strided_inputs_and_noncontiguous_dout(many_blocks, path):
     """(B, L, H, D)-layout q/k/v transposed to (B, H, L, D) and a strided upstream gradient."""
     b, h, lq, lk, d = 2, 2, 29, 35, 16
     gen = _gen(1)
@@ -600,3 +678,163 @@ def test_dropout_grad_matches_masked_reference(many_blocks):
     dout = torch.randn_like(out)
     (dv,) = torch.autograd.grad(out, v, dout)
     torch.testing.assert_close(dv, pd.transpose(-1, -2) @ dout, atol=1e-12, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Meta-tests: the checks above are sharp enough to catch plausible kernel bugs. Each mutant changes only
+# what the "torch" backend sees (the reference keeps the true ``materialize``), and run_case must fail.
+
+
+def _keep_true_materialize(monkeypatch):
+    """Pin Prior.materialize (used by the references) to the unpatched tile functions."""
+    from rapkern import priors as P
+
+    blocks = {cls: cls.block for cls in (P.RelativeLagPrior, P.BandedPrior, P.LowRankPrior, P.DensePrior)}
+    visibles = {cls: cls.visible for cls in blocks}
+
+    def materialize(self, batch, heads, lq, lk):
+        tile = blocks[type(self)](self, 0, lq, 0, lk, self.tensors()[0].dtype)
+        vis = visibles[type(self)](self, 0, lq, 0, lk)
+        return tile if vis is None else tile.masked_fill(~vis, float("-inf"))
+
+    monkeypatch.setattr(P.Prior, "materialize", materialize)
+    return P
+
+
+def _mutant_lag_off_by_one(monkeypatch):
+    P = _keep_true_materialize(monkeypatch)
+    orig = P.RelativeLagPrior._lags
+    monkeypatch.setattr(P.RelativeLagPrior, "_lags", lambda self, *a: orig(self, *a) + 1)
+
+
+def _mutant_lag_tile_perturbed(monkeypatch):
+    P = _keep_true_materialize(monkeypatch)
+    orig = P.RelativeLagPrior.block
+    monkeypatch.setattr(P.RelativeLagPrior, "block", lambda self, *a: orig(self, *a) * 1.001)
+
+
+def _mutant_lag_grad_tail_dropped(monkeypatch):
+    """Clamped tails of the lag gradient lost (a classic bug): only the last table entry."""
+    P = _keep_true_materialize(monkeypatch)
+    orig = P.RelativeLagPrior.accumulate_grad
+
+    def acc(self, grads, ds, i0, i1, j0, j1):
+        if grads[0] is None:
+            return
+        before = grads[0][..., -1].clone()
+        orig(self, grads, ds, i0, i1, j0, j1)
+        grads[0][..., -1] = before
+
+    monkeypatch.setattr(P.RelativeLagPrior, "accumulate_grad", acc)
+
+
+def _mutant_band_one_wider(monkeypatch):
+    P = _keep_true_materialize(monkeypatch)
+    orig = P.BandedPrior._offsets
+    monkeypatch.setattr(P.BandedPrior, "_offsets", lambda self, i0, i1, j0, j1: orig(self, i0, i1, j0, j1) + (
+        orig(self, i0, i1, j0, j1) == -1).long())
+
+
+def _mutant_alpha_slightly_wrong(monkeypatch):
+    from rapkern.backends.torch_blocked import attention as A
+
+    orig = A.TilePlan.__init__
+
+    def init(self, q, k, v, prior, alpha, *rest):
+        orig(self, q, k, v, prior, alpha * 1.001 if not isinstance(alpha, torch.Tensor) else alpha * 1.001, *rest)
+
+    monkeypatch.setattr(A.TilePlan, "__init__", init)
+
+
+def _mutant_dk_scaled(monkeypatch):
+    from rapkern.backends.torch_blocked import attention as A
+
+    orig = A.attention_bwd
+
+    def bwd(*a, **k):
+        dq, dk, dv, da, dp = orig(*a, **k)
+        return dq, None if dk is None else dk * 1.0005, dv, da, dp
+
+    monkeypatch.setattr(A, "attention_bwd", bwd)
+
+
+def _mutant_causal_off_by_one(monkeypatch):
+    """Causal diagonal excluded (j < i instead of j <= i) for rows i > 0, on every path using visible()."""
+    from rapkern.backends.torch_blocked import attention as A
+
+    orig = A.TilePlan.visible
+
+    def visible(self, i0, i1, j0, j1):
+        vis = orig(self, i0, i1, j0, j1)
+        if self.causal:
+            i = torch.arange(i0, i1)[:, None]
+            vis = vis & ~((torch.arange(j0, j1)[None, :] == i) & (i > 0))
+        return vis
+
+    monkeypatch.setattr(A.TilePlan, "visible", visible)
+
+
+def _mutant_fast_lag_view_shifted(monkeypatch):
+    """CPU fast path: the Hankel view of the lag table read one lag off."""
+    from rapkern.backends.torch_blocked import cpu_flash as C
+
+    orig = C._Frame._lag_view
+    monkeypatch.setattr(C._Frame, "_lag_view", lambda self, i0, i1, j0, j1: orig(self, i0 + 1, i1 + 1, j0, j1))
+
+
+def _mutant_fast_dead_rows_missed(monkeypatch):
+    """CPU fast path: rows with no visible key not detected (lse 0 instead of -inf)."""
+    from rapkern.backends.torch_blocked import cpu_flash as C
+
+    orig = C.dead_rows
+    monkeypatch.setattr(C, "dead_rows", lambda plan: torch.zeros_like(orig(plan)))
+
+
+MUTANTS = {  # name: (patch, prior kind, causal, pad all keys of batch 1)
+    "lag-off-by-one": (_mutant_lag_off_by_one, "lag", False, False),
+    "lag-tile-x1.001": (_mutant_lag_tile_perturbed, "lag", False, False),
+    "lag-grad-tail-dropped": (_mutant_lag_grad_tail_dropped, "lag", False, False),
+    "band-one-wider": (_mutant_band_one_wider, "banded_masked", False, False),
+    "alpha-x1.001": (_mutant_alpha_slightly_wrong, "dense", False, False),
+    "dk-x1.0005": (_mutant_dk_scaled, "lowrank", False, False),
+    "causal-diagonal-dropped": (_mutant_causal_off_by_one, "dense", True, False),
+    "fast-lag-view-shifted": (_mutant_fast_lag_view_shifted, "lag", True, False),
+    "fast-dead-rows-missed": (_mutant_fast_dead_rows_missed, "lag", False, True),
+}
+
+
+@pytest.mark.parametrize("mutant", list(MUTANTS))
+def test_checks_detect_a_wrong_kernel(mutant, monkeypatch, many_blocks):
+    patch, kind, causal, pad = MUTANTS[mutant]
+    lq, lk = 37, 29
+    q, k, v = qkv(2, 2, 1, lq, lk, 16, seed=31)
+    prior = make_prior(kind, (2,), lq, lk, gen=_gen(32), dtype=torch.float32, w=2)
+    alpha = torch.tensor([0.8, 1.2], requires_grad=True)
+    kpm = torch.zeros(2, lk, dtype=torch.bool)
+    kpm[1] = pad
+    kw = dict(prior=prior, alpha=alpha, causal=causal, key_padding_mask=kpm)
+    run_case(q, k, v, **kw)  # the true kernel passes
+    patch(monkeypatch)
+    with pytest.raises(AssertionError):
+        run_case(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("kind", PRIOR_KINDS)
+def test_empty_lengths_and_batch(kind, path):
+    """Lk = 0: every row is dead (0 output, lse -inf, zero grads); Lq = 0 and B = 0: empty results."""
+    q = torch.randn(2, 2, 5, 4, requires_grad=True)
+    k = torch.randn(2, 1, 0, 4, requires_grad=True)
+    prior = make_prior(kind, (), 5, 0, gen=_gen(1), dtype=torch.float32, w=1)
+    out, lse = rapkern.attention(q, k, k, prior=prior, causal=True, return_lse=True)
+    assert out.shape == (2, 2, 5, 4) and (out == 0).all() and torch.isneginf(lse).all()
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert (dq == 0).all()
+    q0 = torch.randn(2, 2, 0, 4)
+    out, lse = rapkern.attention(q0, torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4),
+                                 prior=make_prior(kind, (), 0, 3, gen=_gen(2), dtype=torch.float32, w=1),
+                                 return_lse=True)
+    assert out.shape == (2, 2, 0, 4) and lse.shape == (2, 2, 0)
+    qb = torch.randn(0, 2, 3, 4)
+    out = rapkern.attention(qb, qb, qb, prior=make_prior(kind, (), 3, 3, gen=_gen(3), dtype=torch.float32),
+                            key_padding_mask=torch.zeros(0, 3, dtype=torch.bool))
+    assert out.shape == (0, 2, 3, 4)
