@@ -6,11 +6,11 @@ flat dict; every row carries the machine and library versions, so a CSV line is 
 
 * GPU: jobs run in-process; time with ``triton.testing.do_bench`` (median and 20/80 % quantiles), peak
   memory is ``torch.cuda.max_memory_allocated`` above what was allocated before the timed call.
-* CPU: every job runs in a fresh child process (``spawn``) under an address-space cap (RLIMIT_AS), so a
-  provider that materializes L x L fails with an allocation error (recorded as ``oom``) instead of
-  taking the shared machine down. Time is repeated wall clock (median, quantiles); peak memory is the
-  child's peak RSS (VmHWM, reset through /proc/self/clear_refs after warm-up) above its RSS before the
-  timed calls: the *peak extra memory* of the op.
+* CPU: every job runs in a fresh child process (forked from a forkserver that preloaded torch) under an
+  address-space cap (RLIMIT_AS), so a provider that materializes L x L fails with an allocation error
+  (recorded as ``oom``) instead of taking the shared machine down. Time is repeated wall clock (median,
+  quantiles); peak memory is the child's peak RSS (VmHWM, reset through /proc/self/clear_refs after
+  warm-up) above its RSS before the timed calls: the *peak extra memory* of the op.
 
 A job that fails is recorded with ``status`` (error, oom, unavailable, skipped, crashed, timeout) and the
 error text, never as a silent NaN.
@@ -116,10 +116,11 @@ def machine_info(device: str) -> dict:
         rapkern_v = f"unavailable ({e})"
     git = ""
     try:
-        git = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
+        root = Path(__file__).resolve().parent.parent
+        run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=10, cwd=root)  # noqa: E731
+        git = run("rev-parse", "--short", "HEAD").stdout.strip()
+        if git and run("status", "--porcelain", "--", "rapkern").stdout.strip():
+            git += "+dirty"  # the measured rapkern differs from the commit
     except (OSError, subprocess.SubprocessError):
         pass
     info = {
@@ -205,7 +206,18 @@ def _proc_status() -> dict:
     return out
 
 
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so warm-up allocations do not hide the next peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> bool:
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -235,8 +247,12 @@ def _quantile(xs, q):
 
 
 def measure(fn: Callable, device: str, *, grad_to_none=None, cpu_min_reps=3, cpu_max_reps=20,
-            cpu_min_time_s=1.0, gpu_warmup_ms=25, gpu_rep_ms=100) -> Measurement:
-    """Warm up ``fn`` (compile time goes to ``warmup_s``), then peak memory of one call, then timing."""
+            cpu_min_time_s=1.0, gpu_warmup_ms=25, gpu_rep_ms=100, gpu_slow_ms=250.0,
+            memory_only=False) -> Measurement:
+    """Warm up ``fn`` (compile time goes to ``warmup_s``), then peak memory of one call, then timing.
+
+    ``memory_only``: one measured call, its wall time (synchronized) as the only sample.
+    """
     import torch
 
     m = Measurement()
@@ -261,6 +277,27 @@ def measure(fn: Callable, device: str, *, grad_to_none=None, cpu_min_reps=3, cpu
         torch.cuda.synchronize()
         m.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         clear_grads()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        one_ms = (time.perf_counter() - t0) * 1e3
+        clear_grads()
+        if memory_only:
+            m.times_ms = [one_ms]
+            m.median_ms = m.p20_ms = m.p80_ms = one_ms
+            return m
+        if one_ms > gpu_slow_ms:  # do_bench would spend >= 7 calls estimating; 3 event-timed calls do
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                clear_grads()
+                m.times_ms.append(start.elapsed_time(end))
+            m.median_ms = statistics.median(m.times_ms)
+            m.p20_ms, m.p80_ms = _quantile(m.times_ms, 0.2), _quantile(m.times_ms, 0.8)
+            return m
         import triton.testing
 
         qs = triton.testing.do_bench(
@@ -272,6 +309,8 @@ def measure(fn: Callable, device: str, *, grad_to_none=None, cpu_min_reps=3, cpu
     reset_ok = _reset_peak_rss()
     base = _proc_status().get("VmRSS", 0)
     elapsed = 0.0
+    if memory_only:
+        cpu_min_reps, cpu_max_reps, cpu_min_time_s = 1, 1, 0.0
     while len(m.times_ms) < cpu_max_reps and (len(m.times_ms) < cpu_min_reps or elapsed < cpu_min_time_s):
         t0 = time.perf_counter()
         fn()
@@ -337,6 +376,8 @@ def run_one(job: Job, opts: dict) -> dict:
         return {"status": "unavailable", "error": str(e)}
     except Skipped as e:
         return {"status": "skipped", "error": str(e)}
+    except NotImplementedError as e:  # valid input the provider does not support (e.g. Flex backward on CPU)
+        return {"status": "unavailable", "error": short_error(e)}
     except BaseException as e:  # noqa: BLE001  (a provider's failure is data, not a crash of the suite)
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -369,13 +410,30 @@ def _child(conn, job: Job, opts: dict, cap_bytes: int | None, threads: int | Non
         limit = vm + cap_bytes
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     row = run_one(job, opts)
+    row["threads"] = torch.get_num_threads()
     conn.send(row)
     conn.close()
 
 
+_CTX = None
+
+
+def _context():
+    """A forkserver that has imported torch and rapkern once: each job's child starts in milliseconds
+    instead of re-importing (seconds), and still starts clean (no parent threads, no parent tensors)."""
+    global _CTX
+    if _CTX is None:
+        try:
+            _CTX = mp.get_context("forkserver")
+            _CTX.set_forkserver_preload(["torch", "rapkern", "bench.harness", "bench.providers"])
+        except ValueError:  # no forkserver on this platform
+            _CTX = mp.get_context("spawn")
+    return _CTX
+
+
 def run_isolated(job: Job, opts: dict, cap_bytes: int | None, threads: int | None = None) -> dict:
-    """Run a job in a fresh ``spawn`` child under an address-space cap; a dead child is recorded too."""
-    ctx = mp.get_context("spawn")
+    """Run a job in a fresh child process under an address-space cap; a dead child is recorded too."""
+    ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(send, job, opts, cap_bytes, threads), daemon=True)
     p.start()
@@ -410,11 +468,13 @@ def default_cap_bytes() -> int:
 
 def run_jobs(jobs: list[Job], opts: dict, *, device: str, isolate: bool | None = None, cap_bytes=None,
              csv_path: Path | None = None, meta: dict | None = None, desc: str = "bench",
-             deadline: float | None = None, stop_after_oom_key: Callable | None = None) -> list[dict]:
+             deadline: float | None = None, stop_after_oom_key: Callable | None = None,
+             precheck: Callable | None = None) -> list[dict]:
     """Measure every job, with a progress bar; rows are appended to ``csv_path`` as they come.
 
     ``deadline`` (time.monotonic() value): jobs not started by then are recorded as skipped.
     ``stop_after_oom_key(params)``: jobs sharing a key with an earlier OOM are skipped (memory sweeps).
+    ``precheck(params, device)``: a reason string records the job as unavailable without starting a child.
     """
     isolate = (device == "cpu") if isolate is None else isolate
     if isolate and cap_bytes is None:
@@ -422,11 +482,17 @@ def run_jobs(jobs: list[Job], opts: dict, *, device: str, isolate: bool | None =
     opts = dict(opts, device=device, cap_bytes=cap_bytes)
     rows = []
     oomed: dict = {}
+    poisoned = None  # in-process CUDA: after an illegal access / device assert the context is unusable
     bar = _progress(len(jobs), desc)
     for job in jobs:
         bar.set_postfix_str(_label(job.params), refresh=True)
         key = stop_after_oom_key(job.params) if stop_after_oom_key else None
-        if deadline is not None and time.monotonic() > deadline:
+        why = precheck(job.params, device) if precheck else None
+        if why:
+            res = {"status": "unavailable", "error": why}
+        elif poisoned:
+            res = {"status": "skipped", "error": poisoned}
+        elif deadline is not None and time.monotonic() > deadline:
             res = {"status": "skipped", "error": "time budget spent before this job started"}
         elif key is not None and key in oomed:
             res = {"status": "skipped", "error": f"skipped after out of memory at {oomed[key]}"}
@@ -434,9 +500,11 @@ def run_jobs(jobs: list[Job], opts: dict, *, device: str, isolate: bool | None =
             res = run_isolated(job, opts, cap_bytes, opts.get("threads"))
         else:
             res = run_one(job, opts)
+        if not isolate and device == "cuda" and _sticky_cuda_error(res.get("error", "")):
+            poisoned = f"CUDA context unusable after {job.params.get('provider')} failed: {res['error'][:120]}"
         if key is not None and res.get("status") == "oom" and key not in oomed:
             oomed[key] = f"L={job.params.get('L', '?')}"
-        row = {**(meta or {}), **job.params, **res}
+        row = {**(meta or {}), **job.params, **res, "load_avg": load_avg()}
         if isolate and cap_bytes:
             row["mem_cap_gb"] = round(cap_bytes / 2**30, 1)
         rows.append(row)
@@ -445,6 +513,12 @@ def run_jobs(jobs: list[Job], opts: dict, *, device: str, isolate: bool | None =
         bar.update(1)
     bar.close()
     return rows
+
+
+def _sticky_cuda_error(err: str) -> bool:
+    e = str(err).lower()
+    return any(s in e for s in ("illegal memory access", "illegal instruction", "device-side assert",
+                                "unspecified launch failure", "misaligned address"))
 
 
 def _label(params: dict) -> str:
@@ -588,6 +662,17 @@ def markdown_table(rows: list[dict], config_keys: list[str], column_key: str = "
     return "\n".join([head, sep] + body)
 
 
+_COLOR_ORDER = ["rapkern-triton", "rapkern-torch", "flex", "sdpa_nobias", "sdpa_dense", "eager",
+                "sdpa_lowrank_concat"]
+
+
+def color(provider: str) -> str:
+    """The same colour for a provider in every plot."""
+    if provider not in _COLOR_ORDER:
+        _COLOR_ORDER.append(provider)
+    return f"C{_COLOR_ORDER.index(provider) % 10}"
+
+
 def plot_vs_length(rows: list[dict], group_keys: list[str], out_prefix: Path, *, x="L",
                    title: str = "") -> list[Path]:
     """Per config group: time and TFLOP/s vs L, and peak memory vs L (log-log), one line per provider."""
@@ -615,8 +700,9 @@ def plot_vs_length(rows: list[dict], group_keys: list[str], out_prefix: Path, *,
                 pts = [(a, r.get(key)) for a, r in zip(xs, pr) if isinstance(r.get(key), (int, float))
                        and not math.isnan(r.get(key)) and r.get(key) > 0]
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", label=prov)
-        for ax, (ylabel, logy) in zip(axes, (("time (ms)", True), ("TFLOP/s", False), ("peak extra memory (MB)", True))):
+                    ax.plot(*zip(*pts), marker="o", label=prov, color=color(prov))
+        panels = (("time (ms)", True), ("TFLOP/s", False), ("peak extra memory (MB)", True))
+        for ax, (ylabel, logy) in zip(axes, panels):
             ax.set_xscale("log", base=2)
             if logy:
                 ax.set_yscale("log")
@@ -653,13 +739,29 @@ def describe_machine(meta: dict) -> str:
 
 
 def finish(rows: list[dict], meta: dict, csv_path: Path, table_keys: list[str], plot_keys: list[str],
-           plot_prefix: Path | None, title: str) -> str:
+           plot_prefix: Path | None, title: str, x: str = "L") -> str:
     """Print the markdown table, make the plots and say where everything is. Returns the table."""
     table = markdown_table(rows, table_keys)
-    plots = plot_vs_length(rows, plot_keys, plot_prefix, title=title) if plot_prefix else []
+    plots = plot_vs_length(rows, plot_keys, plot_prefix, title=title, x=x) if plot_prefix else []
     print(f"\n## {title}\n\nMachine: {describe_machine(meta)}\n")
     print(table)
     print(f"\nCSV: {csv_path}")
     for p in plots:
         print(f"plot: {p}")
     return table
+
+
+def run_suite(jobs: list[Job], *, device: str, name: str, table_keys: list[str], plot_keys: list[str],
+              title: str, out_dir=None, opts=None, budget_s=None, isolate=None, plots=True, x="L",
+              precheck=None, config=None) -> tuple[list[dict], Path]:
+    """Run jobs, write ``<name>-<stamp>.csv`` + ``.json`` (machine, config), print the table, plot."""
+    meta = machine_info(device)
+    csv_path = results_path(f"{name}-{stamp()}", out_dir)
+    opts = dict(opts or {})
+    write_meta(csv_path.with_suffix(".json"), meta, {"jobs": [j.params for j in jobs], "opts": opts,
+                                                     **(config or {})})
+    deadline = time.monotonic() + budget_s if budget_s else None
+    rows = run_jobs(jobs, opts, device=device, isolate=isolate, csv_path=csv_path, meta=meta, desc=title,
+                    deadline=deadline, precheck=precheck)
+    finish(rows, meta, csv_path, table_keys, plot_keys, csv_path.with_suffix("") if plots else None, title, x=x)
+    return rows, csv_path

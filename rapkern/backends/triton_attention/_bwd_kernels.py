@@ -16,7 +16,7 @@ reproducible.
 import triton
 import triton.language as tl
 
-from ._common import _dot, _dropout_keep, _load_factor, _logits
+from ._common import _dot, _dot_f32, _dropout_keep, _load_factor, _logits
 
 
 @triton.jit
@@ -74,17 +74,19 @@ def _attn_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
-        kT = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_n + offs_d[:, None],
+        k_row = k_base + tl.cast(start_n, tl.int64) * sk_n
+        kT = tl.load(k_row + (tl.arange(0, BLOCK_N)[None, :] * sk_n + offs_d[:, None]),
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s, b = _logits(q, kT, qk_scale, alpha, offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
+        s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
                        P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                       PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, NEED_DALPHA)
+                       PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, NEED_DALPHA, False)
         p = tl.math.exp2(s - lse2[:, None])
-        vT = tl.load(v_base + offs_n[None, :].to(tl.int64) * sv_n + offs_dv[:, None],
+        v_row = v_base + tl.cast(start_n, tl.int64) * sv_n
+        vT = tl.load(v_row + (tl.arange(0, BLOCK_N)[None, :] * sv_n + offs_dv[:, None]),
                      mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, off_bh, Lq, Lk, offs_m, offs_n)
+            keep = _dropout_keep(seed, dropout_p, off_bh, offs_m, start_n, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
@@ -99,7 +101,7 @@ def _attn_bwd_dq_kernel(
                          dsa, mask=inside)
             if PRIOR == 3:
                 wf = _load_factor(P2_ptr, p2_base, offs_n, Lk, sp2_r, sp2_c, PW, R_PAD)
-                du += tl.dot(dsa, wf, input_precision="ieee")
+                du += _dot_f32(dsa, wf, IEEE)
             if PRIOR == 4:
                 tl.store(DPR + dpr_base + offs_m[:, None].to(tl.int64) * dpr_r + offs_n[None, :].to(tl.int64),
                          dsa, mask=m_ok[:, None] & n_ok[None, :])
@@ -176,8 +178,6 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + off_b.to(tl.int64) * sv_b + off_kh.to(tl.int64) * sv_h
                 + offs_n[:, None].to(tl.int64) * sv_n + offs_dv[None, :],
                 mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    kT = tl.trans(k)
-    vT = tl.trans(v)
 
     q_lo = 0
     q_hi = Lq
@@ -188,6 +188,8 @@ def _attn_bwd_dkdv_kernel(
             q_lo = tl.maximum(q_lo, tl.maximum(start_n * BLOCK_N - PW, 0) // BLOCK_M * BLOCK_M)
             q_hi = tl.minimum(q_hi, (start_n + 1) * BLOCK_N + PW)
 
+    # Key-major ("transposed") tiles throughout, as in the Triton tutorial's dk/dv loop: k and v are the
+    # A operands (each warp holds only its own key rows), q and dO stream through as B operands.
     dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, DV_PAD), dtype=tl.float32)
     for g in range(0, GROUP):
@@ -203,35 +205,37 @@ def _attn_bwd_dkdv_kernel(
         for start_m in range(q_lo, q_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < Lq
-            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sq_m + offs_d[None, :],
-                        mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * sdo_m + offs_dv[None, :],
+            q_row = q_base + tl.cast(start_m, tl.int64) * sq_m
+            qT = tl.load(q_row + (tl.arange(0, BLOCK_M)[None, :] * sq_m + offs_d[:, None]),
+                         mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            do_row = do_base + tl.cast(start_m, tl.int64) * sdo_m
+            do = tl.load(do_row + (tl.arange(0, BLOCK_M)[:, None] * sdo_m + offs_dv[None, :]),
                          mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             lse = tl.load(Lse + off_bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
             delta = tl.load(Delta + off_bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
-            s, b = _logits(q, kT, qk_scale, alpha, offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
-                           P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                           PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, False)
-            p = tl.math.exp2(s - lse2[:, None])
-            dp = _dot(do, vT, IEEE)
+            sT, bT = _logits(k, qT, qk_scale, alpha, offs_m[None, :], offs_n[:, None], offs_m, offs_n, Lq, Lk,
+                             off_b, Kpm, skpm_b, P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
+                             PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_N, BLOCK_M, False, True)
+            pT = tl.math.exp2(sT - lse2[None, :])
+            dpT = _dot(v, tl.trans(do), IEEE)
             if DROPOUT:
-                keep = _dropout_keep(seed, dropout_p, off_bh, Lq, Lk, offs_m, offs_n)
-                pd = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                keepT = tl.trans(_dropout_keep(seed, dropout_p, off_bh, offs_m, start_n * BLOCK_N, BLOCK_M, BLOCK_N))
+                pdT = tl.where(keepT, pT / (1.0 - dropout_p), 0.0)
+                dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
             else:
-                pd = p
-            dv += _dot(tl.trans(pd.to(do.dtype)), do, IEEE)
-            ds = p * (dp - delta[:, None])
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+                pdT = pT
+            dv += _dot(pdT.to(do.dtype), do, IEEE)
+            dsT = pT * (dpT - delta[None, :])
+            dk += _dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
             if NEED_DPRIOR:
-                dsa = ds * alpha
+                dsaT = dsT * alpha
                 if PRIOR == 1:
-                    lag_acc = _lag_tile_sums(dsa, start_m, start_n * BLOCK_N, PW, lag_acc,
+                    lag_acc = _lag_tile_sums(tl.trans(dsaT), start_m, start_n * BLOCK_N, PW, lag_acc,
                                              BLOCK_M, BLOCK_N, LAG_T, WIN_PAD)
                 if PRIOR == 3:
                     u = _load_factor(P_ptr, p_base, offs_m, Lq, sp_r, sp_c, PW, R_PAD)
-                    dvf += tl.dot(tl.trans(dsa), u, input_precision="ieee")
+                    dvf += _dot_f32(dsaT, u, IEEE)
         if NEED_DPRIOR:
             if PRIOR == 1:
                 l = tl.arange(0, WIN_PAD)

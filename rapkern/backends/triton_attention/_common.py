@@ -17,10 +17,25 @@ PRIOR_DENSE = 4
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs: 3xTF32 keeps fp32 accuracy on tensor cores (plain "ieee" falls back to FMA loops)
     if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision="tf32x3")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_f32(a, b, IEEE: tl.constexpr):
+    """Products of fp32 tiles of the prior (low-rank factors, their gradients).
+
+    fp32 inputs: 3xTF32 (fp32-accurate on tensor cores). fp16/bf16 inputs: operands rounded to fp16,
+    fp32 accumulation -- the rounding the same math in the input dtype has anyway, and far fewer
+    registers than an fp32 product.
+    """
+    if IEEE:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
 
 
 @triton.jit
@@ -34,59 +49,62 @@ def _load_factor(ptr, base, offs, n, s_r, s_c, R, R_PAD: tl.constexpr):
 @triton.jit
 def _prior_tile(
     P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-    offs_m, offs_n, Lq, Lk,
-    PRIOR: tl.constexpr, R_PAD: tl.constexpr,
+    qi, kj, offs_m, offs_n, Lq, Lk,
+    PRIOR: tl.constexpr, R_PAD: tl.constexpr, IEEE: tl.constexpr, TRANS: tl.constexpr,
 ):
-    """B[offs_m, offs_n] in fp32; 0 outside valid rows/cols and outside a band (masking is the caller's)."""
-    ok = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    """B[i, j] in fp32 on the tile given by the broadcastable query/key index tensors ``qi``, ``kj``
+    ((BM, 1) and (1, BN), or transposed with ``TRANS``); 0 outside valid rows/cols and outside a band
+    (masking is the caller's). ``offs_m``/``offs_n`` are the same indices as 1-D vectors."""
+    ok = (qi < Lq) & (kj < Lk)
     if PRIOR == 1:
-        lag = offs_m[:, None] - offs_n[None, :]
+        lag = qi - kj
         idx = tl.minimum(tl.maximum(lag, -PW), PW) + PW
         b = tl.load(P_ptr + p_base + idx.to(tl.int64) * sp_c, mask=ok, other=0.0).to(tl.float32)
     elif PRIOR == 2:
-        off = offs_n[None, :] - offs_m[:, None] + PW
+        off = kj - qi + PW
         inside = ok & (off >= 0) & (off <= 2 * PW)
-        ptrs = P_ptr + p_base + offs_m[:, None].to(tl.int64) * sp_r + off.to(tl.int64) * sp_c
+        ptrs = P_ptr + p_base + qi.to(tl.int64) * sp_r + off.to(tl.int64) * sp_c
         b = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
     elif PRIOR == 3:
         u = _load_factor(P_ptr, p_base, offs_m, Lq, sp_r, sp_c, PW, R_PAD)
         w = _load_factor(P2_ptr, p2_base, offs_n, Lk, sp2_r, sp2_c, PW, R_PAD)
-        b = tl.dot(u, tl.trans(w), input_precision="ieee")
+        if TRANS:
+            b = _dot_f32(w, tl.trans(u), IEEE)
+        else:
+            b = _dot_f32(u, tl.trans(w), IEEE)
     else:
-        ptrs = P_ptr + p_base + offs_m[:, None].to(tl.int64) * sp_r + offs_n[None, :].to(tl.int64) * sp_c
+        ptrs = P_ptr + p_base + qi.to(tl.int64) * sp_r + kj.to(tl.int64) * sp_c
         b = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
     return b
 
 
 @triton.jit
 def _logits(
-    q, k, qk_scale, alpha, offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
+    a, b_op, qk_scale, alpha, qi, kj, offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
     P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
     PRIOR: tl.constexpr, MASK_OUT: tl.constexpr, R_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_KPM: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FORCE_PRIOR: tl.constexpr,
+    HAS_KPM: tl.constexpr, IEEE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    FORCE_PRIOR: tl.constexpr, TRANS: tl.constexpr,
 ):
-    """Masked logits in the log2 domain (-inf where a key is not visible) and the prior tile (0 if none).
-
-    ``k`` is the (D_PAD, BLOCK_N) transposed key tile; ``qk_scale`` = scale·log2(e).
-    """
+    """Masked logits ``a @ b_op`` (q·kᵀ, or k·qᵀ with ``TRANS``) in the log2 domain, -inf where a key is
+    not visible, and the prior tile (0 if none). ``qk_scale`` = scale·log2(e)."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    s = _dot(q, k, IEEE) * qk_scale
-    valid = (offs_m[:, None] >= 0) & (offs_n[None, :] < Lk)
+    s = _dot(a, b_op, IEEE) * qk_scale
+    valid = (qi >= 0) & (kj < Lk)
     if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        valid = valid & (kj <= qi)
     if HAS_KPM:
-        pad = tl.load(Kpm + off_b.to(tl.int64) * skpm_b + offs_n, mask=offs_n < Lk, other=1)
-        valid = valid & (pad[None, :] == 0)
-    b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        pad = tl.load(Kpm + off_b.to(tl.int64) * skpm_b + kj, mask=kj < Lk, other=1)
+        valid = valid & (pad == 0)
+    b = tl.zeros((ROWS, COLS), dtype=tl.float32)
     if PRIOR == 2:
         if MASK_OUT:
-            off = offs_n[None, :] - offs_m[:, None] + PW
+            off = kj - qi + PW
             valid = valid & (off >= 0) & (off <= 2 * PW)
     if PRIOR == 4:
         # a -inf in a user's dense bias masks for every alpha, even 0
         b = _prior_tile(P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                        offs_m, offs_n, Lq, Lk, PRIOR, R_PAD)
+                        qi, kj, offs_m, offs_n, Lq, Lk, PRIOR, R_PAD, IEEE, TRANS)
         hole = b == float("-inf")
         valid = valid & (hole == 0)
         b = tl.where(hole, 0.0, b)
@@ -94,19 +112,31 @@ def _logits(
     elif PRIOR != 0:
         if FORCE_PRIOR:  # d(alpha) needs B even where alpha = 0
             b = _prior_tile(P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                            offs_m, offs_n, Lq, Lk, PRIOR, R_PAD)
+                            qi, kj, offs_m, offs_n, Lq, Lk, PRIOR, R_PAD, IEEE, TRANS)
             s = s + (alpha * LOG2E) * b
         else:
             if alpha != 0:  # heads with alpha = 0 skip the prior read
                 b = _prior_tile(P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                                offs_m, offs_n, Lq, Lk, PRIOR, R_PAD)
+                                qi, kj, offs_m, offs_n, Lq, Lk, PRIOR, R_PAD, IEEE, TRANS)
                 s = s + (alpha * LOG2E) * b
     s = tl.where(valid, s, float("-inf"))
     return s, b
 
 
 @triton.jit
-def _dropout_keep(seed, dropout_p, off_bh, Lq, Lk, offs_m, offs_n):
-    """Counter-based keep mask: the same (seed, b, h, i, j) gives the same bit in forward and backward."""
-    offs = (off_bh.to(tl.int64) * Lq + offs_m[:, None].to(tl.int64)) * Lk + offs_n[None, :].to(tl.int64)
-    return tl.rand(seed, offs) >= dropout_p
+def _dropout_keep(seed, dropout_p, off_bh, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Counter-based keep mask, a function of (seed, b·Hq + h, i, j) only (not of the tile shape), so
+    forward and backward regenerate the same bits whatever blocks each was tuned to.
+
+    One Philox call on the counter (j // 4, i, b·Hq + h, 0) yields four words, used for keys
+    4(j // 4) .. 4(j // 4) + 3: a quarter of the Philox work and registers of one call per element.
+    Needs BLOCK_N % 4 == 0 and start_n % 4 == 0.
+    """
+    QN: tl.constexpr = BLOCK_N // 4
+    zero = (offs_m[:, None] * 0 + tl.arange(0, QN)[None, :] * 0).to(tl.uint32)
+    c0 = zero + (start_n // 4 + tl.arange(0, QN))[None, :].to(tl.uint32)
+    c1 = zero + offs_m[:, None].to(tl.uint32)
+    c2 = zero + off_bh.to(tl.uint32)
+    r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, c2, zero)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
+    return tl.random.uint_to_uniform_float(r) >= dropout_p

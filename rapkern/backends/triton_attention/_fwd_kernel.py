@@ -55,11 +55,13 @@ def _attn_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
-        kT = tl.load(k_base + offs_n[None, :].to(tl.int64) * sk_n + offs_d[:, None],
+        # int64 scalar row base + int32 in-tile offsets: 64-bit math only once per tile
+        k_row = k_base + tl.cast(start_n, tl.int64) * sk_n
+        kT = tl.load(k_row + (tl.arange(0, BLOCK_N)[None, :] * sk_n + offs_d[:, None]),
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s, b = _logits(q, kT, qk_scale, alpha, offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
+        s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
                        P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                       PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, False)
+                       PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, False, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 at 0
         p = tl.math.exp2(s - m_safe[:, None])
@@ -67,9 +69,10 @@ def _attn_fwd_kernel(
         l_i = l_i * corr + tl.sum(p, 1)
         acc = acc * corr[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, off_bh, Lq, Lk, offs_m, offs_n)
+            keep = _dropout_keep(seed, dropout_p, off_bh, offs_m, start_n, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * sv_n + offs_dv[None, :],
+        v_row = v_base + tl.cast(start_n, tl.int64) * sv_n
+        v = tl.load(v_row + (tl.arange(0, BLOCK_N)[:, None] * sv_n + offs_dv[None, :]),
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc += _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new

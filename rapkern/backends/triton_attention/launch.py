@@ -160,7 +160,8 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
 
     # prior-gradient scratch: dq kernel owns row-indexed grads, dkdv kernel key-indexed ones
     dpr_q, dpr_q_r, dpr_k, dpr_k_r = q, 0, q, 0
-    dl, dl_bh, win_pad = q, 0, 16
+    scratch = torch.zeros(1, **f32)  # never aliases an input: the autotuner zeroes DA and DL
+    dl, dl_bh, win_pad = scratch, 0, 16
     kind = pack.kind
     if need_dprior:
         if kind == "banded":
@@ -178,7 +179,7 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
             dl_bh = nnb * n
             dl = torch.zeros(b * hq, nnb, n, **f32)
             win_pad = max(16, triton.next_power_of_2(n))
-    da = torch.zeros(b * hq, nmb, **f32) if need_dalpha else q
+    da = torch.zeros(b * hq, nmb, **f32) if need_dalpha else scratch
 
     common = dict(
         PRIOR=pack.code, MASK_OUT=pack.mask_out, R_PAD=pack.r_pad, CAUSAL=bool(causal), HAS_KPM=has_kpm,
