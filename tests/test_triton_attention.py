@@ -287,28 +287,34 @@ class TestDropout:
 
     def test_keep_fraction_and_backward_matches_explicit_mask(self):
         """With Dv = Lk and v = I, out is the dropped probability matrix P_d itself: its kept fraction
-        is about 1 - p, and for any v the kernel's grads must equal those of out = P_d(q, k) v."""
-        lq, lk, p = 64, 48, 0.25
+        is about 1 - p, and for any v the kernel's grads (q, k, v, lag table, alpha) must equal those of
+        out = P_d(q, k, B) v with the same keep mask, computed explicitly in float64."""
+        lq, lk, p, w = 64, 48, 0.25, 5
         q, k, _ = qkv(1, 2, 1, lq, lk, 16, seed=52)
+        table = torch.randn(2, 2 * w + 1, generator=_gen(55)).to(DEVICE).requires_grad_()
+        alpha = torch.tensor([0.8, -0.5], device=DEVICE, requires_grad=True)
+        prior = RelativeLagPrior(table)
         eye = torch.eye(lk, device=DEVICE).expand(1, 1, lk, lk).contiguous()
         torch.manual_seed(3)
-        pd = rapkern.attention(q, k, eye, dropout_p=p, backend="triton").detach()
+        pd = rapkern.attention(q, k, eye, prior=prior, alpha=alpha, dropout_p=p, backend="triton").detach()
         kept = (pd > 0).double().mean().item()
         assert abs(kept - (1 - p)) < 0.05
         keep = (pd > 0).double()
         vv = torch.randn(1, 1, lk, 24, generator=_gen(53)).to(DEVICE).requires_grad_()
         torch.manual_seed(3)
-        out = rapkern.attention(q, k, vv, dropout_p=p, backend="triton")
+        out = rapkern.attention(q, k, vv, prior=prior, alpha=alpha, dropout_p=p, backend="triton")
         g = torch.randn(out.shape, generator=_gen(54)).to(DEVICE)
-        dq, dk, dv = torch.autograd.grad(out, [q, k, vv], g)
-        # explicit: softmax in float64 with the same keep mask
-        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, vv))
-        probs = torch.softmax(qd @ kd.transpose(-1, -2) / 4.0, -1)
+        got = torch.autograd.grad(out, [q, k, vv, table, alpha], g)
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, vv, table, alpha)]
+        qd, kd, vd, td, ad = leaves
+        lag = (torch.arange(lq)[:, None] - torch.arange(lk)[None, :]).clamp(-w, w) + w
+        bias = td[:, lag.to(DEVICE)]  # (Hq, Lq, Lk)
+        probs = torch.softmax(qd @ kd.transpose(-1, -2) / 4.0 + ad[:, None, None] * bias, -1)
         ref = (probs * keep / (1 - p)) @ vd
-        rq, rk, rv = torch.autograd.grad(ref, [qd, kd, vd], g.double())
+        want = torch.autograd.grad(ref, leaves, g.double())
         assert (out.double() - ref).abs().max() < 1e-4
-        for got, want in ((dq, rq), (dk, rk), (dv, rv)):
-            assert (got.double() - want).abs().max() < 1e-4 * max(1.0, want.abs().max().item())
+        for name, a, b in zip(["q", "k", "v", "table", "alpha"], got, want):
+            assert (a.double() - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item()), name
 
 
 def _problem(q, k, v, **kw):

@@ -1,18 +1,25 @@
 """The "triton" backend: fused FlashAttention-2-style kernels that read the prior compactly in-kernel.
 
-Algorithm: forward is an online softmax over key tiles (exp2, fp32 accumulators) that adds ``α_h·B`` with
-B gathered from the compact prior per tile (lag table gather, band read inside the band, low-rank
-u·vᵀ product, dense tiles through strides with stride 0 on broadcast dims). Causal and banded
-``mask_outside`` priors shrink the loop bounds, so banded work grows as L·w. Backward recomputes tiles
-from the LSE in two kernels (dq and dk/dv), writes prior-gradient partials per block and reduces them
-on the host in a fixed order: no atomics, bitwise-reproducible gradients.
+Algorithm: forward is an online softmax over key tiles (exp2 with log2(e) folded into the scale, fp32
+accumulators) that adds ``α_h·B`` with B gathered from the compact prior per tile (lag-table gather,
+band values read only inside the band, low-rank u·vᵀ as an in-tile product, dense tiles through strides
+with stride 0 on broadcast dims). Heads with α = 0 skip the prior read. Causal and banded
+``mask_outside`` priors shrink the loop bounds (block skipping), so banded work grows as L·w. Dropout
+is a Philox counter-based mask keyed on (seed, b, h, i, j), regenerated in backward. Backward recomputes
+tiles from the LSE in two kernels (dq, and key-major dk/dv), writes prior-gradient partials per block
+and reduces them on the host in a fixed order: no atomics anywhere, bitwise-reproducible gradients.
 
-Limits (each is a reason, never a crash): fp16/bf16/fp32; head dims D, Dv <= 256; unit last stride on
-q, k, v; low-rank rank <= 128; a lag table whose gradient is needed has 2W+1 <= 4095 entries; CPU
-tensors only under ``TRITON_INTERPRET=1``.
+Layering: _fwd_kernel.py / _bwd_kernels.py (@triton.jit, _common.py holds the prior tile) ->
+launch.py (allocation, grids, autotune over configs.py) -> function.py (autograd.Function) -> here.
 
-Hardware: written for sm80/sm90 (autotune configs in configs.py); CPU-tested through the Triton
-interpreter and compiled ahead of time for sm_80/sm_90 in CI. Not yet timed on a GPU.
+Limits (each is a reason, never a crash): fp16/bf16/fp32 (bf16 not under the interpreter); head dims
+D, Dv <= 256; unit last stride on q, k, v; low-rank rank <= 128; a lag table whose gradient is needed
+has 2W+1 <= 16385 entries (its scratch grows with W); CPU tensors only under ``TRITON_INTERPRET=1``.
+fp32 inputs use 3xTF32 dots.
+
+Hardware: written for sm80/sm90 (configs.py). Verified on CPU through the Triton interpreter and by
+ahead-of-time compilation for sm_80/sm_90 (resource usage in tests/test_triton_compile.py); not yet
+run or timed on a GPU when this was written.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ except Exception as e:  # pragma: no cover - depends on the machine
 
 MAX_HEAD_DIM = 256
 MAX_RANK = 128
-MAX_LAG_GRAD_ENTRIES = 4095
+MAX_LAG_GRAD_ENTRIES = 16385  # scratch grows as B·Hq·Lk·(4W/32 + 6) floats
 
 
 class TritonBackend(Backend):

@@ -5,18 +5,20 @@
   exactly one key tile, so a plain store suffices), low-rank ``du = α·dS·v_f``, dense ``α·dS`` tiles,
   and a per-program partial of ``dα_h = Σ dS∘B``.
 * ``_attn_bwd_dkdv_kernel``: one program per (key block, batch·kv head), loops over the query heads of
-  its GQA group and over query blocks. Owns dk, dv, low-rank ``dv_f = α·dSᵀ·u`` (per query head) and the
-  lag-table partials: the diagonal sums of each dS tile (a row-skewing ``tl.gather``) folded into a
-  register vector over the 2W+1 clamped lags, written per (b, h, key block) and reduced on the host.
+  its GQA group and over query blocks, with key-major tiles (k, v are the resident MMA A operands, as in
+  the Triton tutorial). Owns dk, dv, low-rank ``dv_f = α·dSᵀ·u`` (per query head) and the lag-table
+  partials: with square tiles, each tile whose block diagonal can meet the window stores its diagonal
+  sums (a row-skewing ``tl.gather``) in a slot indexed by (key block, block diagonal); tiles entirely
+  beyond ±W only add their total to one of two end scalars. launch._reduce_lag decodes the slots.
 
-Every partial is reduced on the host with ``torch.sum`` over a fixed dim, so gradients are bitwise
-reproducible.
+Every partial is reduced on the host with dense torch ops over fixed dims, so gradients are bitwise
+reproducible. Dropout masks are regenerated from the same Philox counters as the forward.
 """
 
 import triton
 import triton.language as tl
 
-from ._common import _dot, _dot_f32, _dropout_keep, _load_factor, _logits
+from ._common import _dot, _dot_f32, _dropout_uniform, _load_factor, _logits
 
 
 @triton.jit
@@ -77,7 +79,8 @@ def _attn_bwd_dq_kernel(
         k_row = k_base + tl.cast(start_n, tl.int64) * sk_n
         kT = tl.load(k_row + (tl.arange(0, BLOCK_N)[None, :] * sk_n + offs_d[:, None]),
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
+        s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk,
+                       off_b, Kpm, skpm_b,
                        P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
                        PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, NEED_DALPHA, False)
         p = tl.math.exp2(s - lse2[:, None])
@@ -86,8 +89,8 @@ def _attn_bwd_dq_kernel(
                      mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, off_bh, offs_m, start_n, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            u = _dropout_uniform(seed, off_bh, offs_m, start_n, BLOCK_M, BLOCK_N)
+            dp = dp * tl.where(u >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
         if NEED_DALPHA:
@@ -120,46 +123,30 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _lag_tile_sums(dsa, start_m, start_n, PW, lag_acc,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAG_T: tl.constexpr, WIN_PAD: tl.constexpr):
-    """lag_acc[W + clamp(i - j, -W, W)] += Σ dsa[i, j] over one tile, without scatter.
-
-    Diagonal sums first: row r is read skewed (column r + BLOCK_N - 1 - t) so that column t of the
-    gathered tile holds lag i0 - j0 - (BLOCK_N - 1) + t; a column sum gives all BLOCK_M + BLOCK_N - 1
-    diagonals. They are then placed into the window vector (one more gather) and the clamped ends.
-    """
-    r = tl.arange(0, BLOCK_M)[:, None]
+def _lag_diag_sums(dsaT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAG_T: tl.constexpr):
+    """Diagonal sums of one key-major tile ``dsaT[c, r]`` (key c, query r): g[t] = Σ over r - c = t - (BN - 1),
+    i.e. lag i - j = (i0 - j0) - (BLOCK_N - 1) + t. Each key row is read skewed (``tl.gather``) so that
+    column t holds that row's entry of diagonal t; a column sum finishes. No scatter, fixed order."""
+    c = tl.arange(0, BLOCK_N)[:, None]
     t = tl.arange(0, LAG_T)[None, :]
-    c = r + (BLOCK_N - 1) - t
-    cvalid = (c >= 0) & (c < BLOCK_N)
-    skew = tl.gather(dsa, tl.minimum(tl.maximum(c, 0), BLOCK_N - 1), 1)
-    g = tl.sum(tl.where(cvalid, skew, 0.0), 0)  # (LAG_T,)
-    lag0 = start_m - start_n - (BLOCK_N - 1)
-    lag_t = lag0 + tl.arange(0, LAG_T)
-    lo_sum = tl.sum(tl.where(lag_t <= -PW, g, 0.0), 0)
-    hi_sum = tl.sum(tl.where((lag_t >= PW) & (lag_t > -PW), g, 0.0), 0)
-    l = tl.arange(0, WIN_PAD)
-    lag_l = l - PW
-    tt = lag_l - lag0
-    inner = (lag_l > -PW) & (lag_l < PW) & (tt >= 0) & (tt < LAG_T)
-    gi = tl.gather(g, tl.minimum(tl.maximum(tt, 0), LAG_T - 1), 0)
-    lag_acc += tl.where(inner, gi, 0.0)
-    lag_acc += tl.where(l == 0, lo_sum, 0.0) + tl.where(l == 2 * PW, hi_sum, 0.0)
-    return lag_acc
+    r = c + t - (BLOCK_N - 1)
+    ok = (r >= 0) & (r < BLOCK_M)
+    skew = tl.gather(dsaT, tl.minimum(tl.maximum(r, 0), BLOCK_M - 1), 1)
+    return tl.sum(tl.where(ok, skew, 0.0), 0)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV_, Alpha, Kpm,
     P_ptr, sp_b, sp_h, sp_r, sp_c, P2_ptr, sp2_b, sp2_h, sp2_r, sp2_c, PW,
-    DPR, dpr_r, DL, dl_bh,
+    DPR, dpr_r, DL, dl_bh, LAG_K,
     sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m,
     sdk_b, sdk_h, sdk_n, sdv_b, sdv_h, sdv_n, skpm_b,
     Hq, Hkv, Lq, Lk, D, DV, GROUP, qk_scale, scale, dropout_p, seed,
     LQ_BUCKET, LK_BUCKET,
     PRIOR: tl.constexpr, MASK_OUT: tl.constexpr, R_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    IEEE: tl.constexpr, NEED_DPRIOR: tl.constexpr, WIN_PAD: tl.constexpr,
+    IEEE: tl.constexpr, NEED_DPRIOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAG_T: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
@@ -200,7 +187,8 @@ def _attn_bwd_dkdv_kernel(
         p2_base = off_b.to(tl.int64) * sp2_b + off_h.to(tl.int64) * sp2_h
         q_base = Q + off_b.to(tl.int64) * sq_b + off_h.to(tl.int64) * sq_h
         do_base = DO + off_b.to(tl.int64) * sdo_b + off_h.to(tl.int64) * sdo_h
-        lag_acc = tl.zeros((WIN_PAD,), dtype=tl.float32)
+        lag_ends = tl.zeros((2,), dtype=tl.float32)  # mass of tiles entirely at lag <= -W / >= W
+        dl_base = DL + off_bh.to(tl.int64) * dl_bh + start_n * (2 * LAG_K - 1) * LAG_T
         dvf = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
         for start_m in range(q_lo, q_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -220,9 +208,10 @@ def _attn_bwd_dkdv_kernel(
             pT = tl.math.exp2(sT - lse2[None, :])
             dpT = _dot(v, tl.trans(do), IEEE)
             if DROPOUT:
-                keepT = tl.trans(_dropout_keep(seed, dropout_p, off_bh, offs_m, start_n * BLOCK_N, BLOCK_M, BLOCK_N))
-                pdT = tl.where(keepT, pT / (1.0 - dropout_p), 0.0)
-                dpT = tl.where(keepT, dpT / (1.0 - dropout_p), 0.0)
+                uT = tl.trans(_dropout_uniform(seed, off_bh, offs_m, start_n * BLOCK_N, BLOCK_M, BLOCK_N))
+                multT = tl.where(uT >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
+                pdT = pT * multT
+                dpT = dpT * multT
             else:
                 pdT = pT
             dv += _dot(pdT.to(do.dtype), do, IEEE)
@@ -231,16 +220,22 @@ def _attn_bwd_dkdv_kernel(
             if NEED_DPRIOR:
                 dsaT = dsT * alpha
                 if PRIOR == 1:
-                    lag_acc = _lag_tile_sums(tl.trans(dsaT), start_m, start_n * BLOCK_N, PW, lag_acc,
-                                             BLOCK_M, BLOCK_N, LAG_T, WIN_PAD)
+                    # BLOCK_M == BLOCK_N here: the tile's lags are (dm·B - (B-1)) + t, dm = block diagonal
+                    dm = start_m // BLOCK_M - start_n
+                    if (dm > -LAG_K) & (dm < LAG_K):  # may meet the window: store its diagonal sums
+                        diag = _lag_diag_sums(dsaT, BLOCK_M, BLOCK_N, LAG_T)
+                        tl.store(dl_base + (dm + LAG_K - 1) * LAG_T + tl.arange(0, LAG_T), diag)
+                    else:  # every lag of the tile clamps to one end of the table
+                        tot = tl.sum(tl.sum(dsaT, 1), 0)
+                        side = tl.where(dm > 0, 1, 0)
+                        lag_ends += tl.where(tl.arange(0, 2) == side, tot, 0.0)
                 if PRIOR == 3:
                     u = _load_factor(P_ptr, p_base, offs_m, Lq, sp_r, sp_c, PW, R_PAD)
                     dvf += _dot_f32(dsaT, u, IEEE)
         if NEED_DPRIOR:
             if PRIOR == 1:
-                l = tl.arange(0, WIN_PAD)
-                tl.store(DL + off_bh.to(tl.int64) * dl_bh + start_n * (2 * PW + 1) + l, lag_acc,
-                         mask=l < 2 * PW + 1)
+                ends_base = DL + off_bh.to(tl.int64) * dl_bh + tl.num_programs(0) * (2 * LAG_K - 1) * LAG_T
+                tl.store(ends_base + start_n * 2 + tl.arange(0, 2), lag_ends)
             if PRIOR == 3:
                 offs_r = tl.arange(0, R_PAD)
                 tl.store(DPR + off_bh.to(tl.int64) * Lk * dpr_r + offs_n[:, None].to(tl.int64) * dpr_r

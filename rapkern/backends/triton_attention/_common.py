@@ -124,8 +124,9 @@ def _logits(
 
 
 @triton.jit
-def _dropout_keep(seed, dropout_p, off_bh, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Counter-based keep mask, a function of (seed, b·Hq + h, i, j) only (not of the tile shape), so
+def _dropout_uniform(seed, off_bh, offs_m, start_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Uniform [0, 1) numbers for the dropout keep mask (kept where >= p), a function of
+    (seed, b·Hq + h, i, j) only (not of the tile shape), so
     forward and backward regenerate the same bits whatever blocks each was tuned to.
 
     One Philox call on the counter (j // 4, i, b·Hq + h, 0) yields four words, used for keys
@@ -139,4 +140,5 @@ def _dropout_keep(seed, dropout_p, off_bh, offs_m, start_n, BLOCK_M: tl.constexp
     c2 = zero + off_bh.to(tl.uint32)
     r0, r1, r2, r3 = tl.random.philox(seed, c0, c1, c2, zero)
     r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
-    return tl.random.uint_to_uniform_float(r) >= dropout_p
+    # floats, not a bool tile: layout conversions of i1 tiles through shared memory do not compile
+    return tl.random.uint_to_uniform_float(r)

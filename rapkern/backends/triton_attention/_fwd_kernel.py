@@ -7,7 +7,7 @@ fp32 accumulators; causal and ``mask_outside`` bands shrink the key loop bounds 
 import triton
 import triton.language as tl
 
-from ._common import _dot, _dropout_keep, _logits
+from ._common import _dot, _dropout_uniform, _logits
 
 
 @triton.jit
@@ -59,7 +59,8 @@ def _attn_fwd_kernel(
         k_row = k_base + tl.cast(start_n, tl.int64) * sk_n
         kT = tl.load(k_row + (tl.arange(0, BLOCK_N)[None, :] * sk_n + offs_d[:, None]),
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk, off_b, Kpm, skpm_b,
+        s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk,
+                       off_b, Kpm, skpm_b,
                        P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
                        PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, False, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -69,8 +70,9 @@ def _attn_fwd_kernel(
         l_i = l_i * corr + tl.sum(p, 1)
         acc = acc * corr[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, dropout_p, off_bh, offs_m, start_n, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            # keep/(1-p) as a float tile: it may change layout, which an i1 tile cannot do
+            u = _dropout_uniform(seed, off_bh, offs_m, start_n, BLOCK_M, BLOCK_N)
+            p = p * tl.where(u >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
         v_row = v_base + tl.cast(start_n, tl.int64) * sv_n
         v = tl.load(v_row + (tl.arange(0, BLOCK_N)[:, None] * sv_n + offs_dv[None, :]),
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)

@@ -1,34 +1,55 @@
-"""Autotune configurations for the Triton attention kernels, per architecture.
+"""Autotune configurations for the Triton attention kernels, per kernel, architecture and head dim.
 
-Each entry is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``. The forward tunes over all four; the two
-backward kernels tune too. Configs are pruned by head dim (``prune``) so large head dims never try tiles
-that would spill or overflow shared memory. ``AOT_CASES`` is what tests/test_triton_compile.py
-compiles for sm_80 and sm_90: every config the autotuner may pick for a representative head dim.
+Each entry is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, listed large to small. The autotuner is
+given the union (``all_configs``) and prunes at launch to ``configs_for(kernel, arch, d_pad, heavy)``:
+the list for the GPU's architecture and the padded head dim; "heavy" launches (``is_heavy``: more live
+tiles) keep only the smallest entry.
+Choices come from ahead-of-time compiles (registers / spills / shared memory, see
+tests/test_triton_compile.py), not from timings: no GPU was available when they were written.
 
-The autotune key is a coarse bucket of the sequence lengths (``length_bucket``), so a new length only
-retunes when it crosses a power of two.
+The autotune key is a power-of-two bucket of Lq and Lk (``length_bucket``), so a new length retunes only
+when it crosses a power of two.
 """
 
 from __future__ import annotations
 
-FWD = {
-    80: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)],
-    90: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+# TABLE[kernel][arch][head-dim bucket]: sm80 keeps operands of mma.sync in registers, so it needs
+# smaller tiles than sm90 to stay spill-free (and has 163 KB of shared memory, not 227 KB).
+TABLE = {
+    "fwd": {
+        80: {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+             128: [(64, 64, 4, 3), (64, 32, 4, 2)],
+             256: [(64, 64, 8, 2)]},
+        90: {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+             128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+             256: [(128, 32, 8, 2), (64, 64, 8, 2)]},
+    },
+    "dq": {
+        80: {64: [(64, 32, 4, 2), (32, 32, 4, 1)],
+             128: [(64, 128, 8, 2), (64, 32, 4, 2)],
+             256: [(32, 32, 4, 1)]},
+        90: {64: [(64, 64, 4, 2), (64, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
+             128: [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2)],
+             256: [(64, 32, 8, 1), (32, 32, 4, 1)]},
+    },
+    "dkdv": {
+        80: {64: [(32, 64, 8, 2)],
+             128: [(32, 64, 8, 2)],
+             256: [(16, 64, 8, 1)]},
+        90: {64: [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
+             128: [(32, 128, 8, 2), (32, 64, 8, 2)],
+             256: [(32, 64, 8, 1), (16, 64, 8, 1)]},
+    },
 }
-BWD = {
-    80: [(64, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
-    90: [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-}
+HEAVY_KEEP = 1  # heavy launches keep this many of the smallest configs
 
-# Tiles allowed per padded head dim (max of D_PAD, DV_PAD): BLOCK_M * BLOCK_N upper bound for fwd/bwd.
-_MAX_TILE = {
-    "fwd": {16: 128 * 128, 32: 128 * 128, 64: 128 * 128, 128: 128 * 64, 256: 64 * 64},
-    "bwd": {16: 64 * 128, 32: 64 * 128, 64: 64 * 64, 128: 64 * 64, 256: 32 * 32},
-}
+# dk/dv with a lag-table gradient runs one square tile (not autotuned: the host decodes its layout)
+LAG_GRAD = {64: (32, 32, 4, 1), 128: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
 
 # Block sizes used under TRITON_INTERPRET=1 (no tuning: the interpreter runs programs one at a time).
 INTERPRET_FWD = (32, 32, 4, 1)
 INTERPRET_BWD = (32, 32, 4, 1)
+MIN_BLOCK = 16  # partial buffers are sized for this block size (the smallest in any table)
 
 
 def length_bucket(n: int) -> int:
@@ -46,32 +67,41 @@ def pad_dim(d: int) -> int:
     return p
 
 
-def allowed(kind: str, cfg: tuple, d_pad: int, rank_pad: int = 16) -> bool:
-    bm, bn, _w, _s = cfg
-    limit = _MAX_TILE[kind][max(16, min(256, d_pad))]
-    return bm * bn <= limit
+def _bucket(d_pad: int) -> int:
+    return 64 if d_pad <= 64 else (128 if d_pad <= 128 else 256)
 
 
-def configs_for(kind: str, arch: int, d_pad: int) -> list[tuple]:
-    table = FWD if kind == "fwd" else BWD
-    base = table[90 if arch >= 90 else 80]
-    out = [c for c in base if allowed(kind, c, d_pad)]
-    if not out:
-        out = [(32, 32, 4, 1)]
-    return out
+def configs_for(kernel: str, arch: int, d_pad: int, heavy: bool = False) -> list[tuple]:
+    """The configs the autotuner may pick for ``kernel`` ("fwd", "dq", "dkdv") on sm_<arch>."""
+    cands = TABLE[kernel][90 if arch >= 90 else 80][_bucket(d_pad)]
+    return list(cands[-HEAVY_KEEP:] if heavy else cands)
 
 
-def all_configs(kind: str) -> list[tuple]:
-    """Union over architectures (what triton.autotune is given); pruned at run time per arch/head dim."""
+def lag_grad_config(arch: int, d_pad: int) -> tuple:
+    return LAG_GRAD[_bucket(d_pad)]
+
+
+def all_configs(kernel: str) -> list[tuple]:
+    """Union over architectures and head dims (what triton.autotune is given); pruned at launch."""
     seen: list[tuple] = []
-    for arch in (80, 90):
-        for c in (FWD if kind == "fwd" else BWD)[arch]:
-            if c not in seen:
-                seen.append(c)
-    # the fallback used when every config is pruned
-    if (32, 32, 4, 1) not in seen:
-        seen.append((32, 32, 4, 1))
+    for per_arch in TABLE[kernel].values():
+        for cands in per_arch.values():
+            for c in cands:
+                if c not in seen:
+                    seen.append(c)
     return seen
+
+
+def is_heavy(kernel: str, meta: dict) -> bool:
+    """Launches with more live state than the plain loop; they get only the smallest config: in-kernel
+    dropout; in backward, lag/low-rank prior gradients and dense bias tiles; in forward, lag/low-rank/
+    dense priors at head dims above 64."""
+    prior = meta.get("PRIOR", 0)
+    if meta.get("DROPOUT"):
+        return True
+    if kernel == "fwd":
+        return prior in (1, 3, 4) and max(meta.get("D_PAD", 64), meta.get("DV_PAD", 64)) > 64
+    return prior == 4 or (bool(meta.get("NEED_DPRIOR")) and prior == 3)
 
 
 AOT_HEAD_DIMS = (64, 128, 256)

@@ -30,21 +30,22 @@ def _arch() -> int:
     return major * 10 + minor
 
 
-def _prune(kind):
+def _prune(kernel):
     def prune(configs, named_args, **kwargs):
-        dpad = max(named_args.get("D_PAD", kwargs.get("D_PAD", 64)), named_args.get("DV_PAD", kwargs.get("DV_PAD", 64)))
-        want = C.configs_for(kind, _arch(), dpad)
+        meta = {**named_args, **kwargs}
+        dpad = max(meta.get("D_PAD", 64), meta.get("DV_PAD", 64))
+        want = C.configs_for(kernel, _arch(), dpad, C.is_heavy(kernel, meta))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
         return keep or configs[-1:]
 
     return prune
 
 
-def _cfgs(kind, lag=False):
+def _cfgs(kernel):
     out = []
-    for bm, bn, w, s in C.all_configs(kind):
+    for bm, bn, w, s in C.all_configs(kernel):
         kw = {"BLOCK_M": bm, "BLOCK_N": bn}
-        if lag:
+        if kernel == "dkdv":
             kw["LAG_T"] = 2 * max(bm, bn)
         out.append(triton.Config(kw, num_warps=w, num_stages=s))
     return out
@@ -55,12 +56,12 @@ _fwd_tuned = triton.autotune(_cfgs("fwd"), key=_KEY, prune_configs_by={"early_co
     _attn_fwd_kernel
 )
 _dq_tuned = triton.autotune(
-    _cfgs("bwd"), key=_KEY + ["NEED_DPRIOR", "NEED_DALPHA"],
-    prune_configs_by={"early_config_prune": _prune("bwd")}, reset_to_zero=["DA"],
+    _cfgs("dq"), key=_KEY + ["NEED_DPRIOR", "NEED_DALPHA"],
+    prune_configs_by={"early_config_prune": _prune("dq")}, reset_to_zero=["DA"],
 )(_attn_bwd_dq_kernel)
 _dkdv_tuned = triton.autotune(
-    _cfgs("bwd", lag=True), key=_KEY + ["NEED_DPRIOR"],
-    prune_configs_by={"early_config_prune": _prune("bwd")}, reset_to_zero=["DL"],
+    _cfgs("dkdv"), key=_KEY + ["NEED_DPRIOR"],
+    prune_configs_by={"early_config_prune": _prune("dkdv")}, reset_to_zero=["DL"],
 )(_attn_bwd_dkdv_kernel)
 
 
@@ -155,13 +156,13 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
     kpm_t, skpm, has_kpm = _kpm(kpm, q)
     alpha_v = _alpha_vec(alpha, hq, dev)
     f32 = dict(dtype=torch.float32, device=dev)
-    min_block = 16
-    nmb, nnb = triton.cdiv(max(lq, 1), min_block), triton.cdiv(max(lk, 1), min_block)
+    min_block = C.MIN_BLOCK
+    nmb = triton.cdiv(max(lq, 1), min_block)
 
     # prior-gradient scratch: dq kernel owns row-indexed grads, dkdv kernel key-indexed ones
     dpr_q, dpr_q_r, dpr_k, dpr_k_r = q, 0, q, 0
     scratch = torch.zeros(1, **f32)  # never aliases an input: the autotuner zeroes DA and DL
-    dl, dl_bh, win_pad = scratch, 0, 16
+    dl, dl_bh, lag_k, lag_cfg = scratch, 0, 1, None
     kind = pack.kind
     if need_dprior:
         if kind == "banded":
@@ -175,10 +176,18 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
             dpr_q = torch.zeros(b, hq, lq, pack.pw, **f32)
             dpr_k = torch.zeros(b, hq, lk, pack.pw, **f32)
         elif kind == "lag":
-            n = 2 * pack.pw + 1
-            dl_bh = nnb * n
-            dl = torch.zeros(b * hq, nnb, n, **f32)
-            win_pad = max(16, triton.next_power_of_2(n))
+            # dk/dv runs one fixed square tile (BLOCK_M == BLOCK_N == lag_b) so the host can decode the
+            # per-tile diagonal sums: nnb key blocks x (2K - 1) block diagonals x 2·lag_b lags, then 2 ends
+            if interpreting() or dev.type != "cuda":
+                lag_b = min(C.INTERPRET_BWD[0], C.INTERPRET_BWD[1])
+                lag_cfg = (lag_b, lag_b, C.INTERPRET_BWD[2], C.INTERPRET_BWD[3])
+            else:
+                lag_cfg = C.lag_grad_config(_arch(), C.pad_dim(max(d, dvd)))
+                lag_b = lag_cfg[0]
+            lag_k = -(-pack.pw // lag_b) + 1
+            nnb_lag = triton.cdiv(lk, lag_b)
+            dl_bh = nnb_lag * ((2 * lag_k - 1) * 2 * lag_b + 2)
+            dl = torch.zeros(b * hq, dl_bh, **f32)
     da = torch.zeros(b * hq, nmb, **f32) if need_dalpha else scratch
 
     common = dict(
@@ -194,7 +203,7 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
         dq.stride(0), dq.stride(1), dq.stride(2), skpm, hq, lq, lk, d, dvd, *tail,
     )
     dkdv_args = (
-        q, k, v, dout, lse, delta, dk, dv, alpha_v, kpm_t, *pack.args(), dpr_k, dpr_k_r, dl, dl_bh,
+        q, k, v, dout, lse, delta, dk, dv, alpha_v, kpm_t, *pack.args(), dpr_k, dpr_k_r, dl, dl_bh, lag_k,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), skpm,
@@ -206,16 +215,20 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
             _attn_bwd_dq_kernel[(triton.cdiv(lq, bm), b * hq)](
                 *dq_args, **common, NEED_DALPHA=bool(need_dalpha), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s
             )
-            _attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
-                *dkdv_args, **common, WIN_PAD=win_pad, BLOCK_M=bm, BLOCK_N=bn, LAG_T=2 * max(bm, bn),
-                num_warps=w, num_stages=s,
-            )
+            if lag_cfg is None:
+                _attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
+                    *dkdv_args, **common, BLOCK_M=bm, BLOCK_N=bn, LAG_T=2 * max(bm, bn), num_warps=w, num_stages=s,
+                )
         else:
             _dq_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)](
                 *dq_args, **common, NEED_DALPHA=bool(need_dalpha)
             )
-            _dkdv_tuned[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](
-                *dkdv_args, **common, WIN_PAD=win_pad
+            if lag_cfg is None:
+                _dkdv_tuned[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](*dkdv_args, **common)
+        if lag_cfg is not None:
+            lb, _, w, s = lag_cfg
+            _attn_bwd_dkdv_kernel[(triton.cdiv(lk, lb), b * hkv)](
+                *dkdv_args, **common, BLOCK_M=lb, BLOCK_N=lb, LAG_T=2 * lb, num_warps=w, num_stages=s,
             )
     else:
         dq.zero_()
@@ -226,12 +239,38 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
     grads = []
     if need_dprior:
         if kind == "lag":
-            grads = [dl.view(b, hq, nnb, -1).sum(2)]
+            grads = [_reduce_lag(dl, nnb_lag, lag_k, lag_cfg[0], pack.pw).view(b, hq, -1)]
         elif kind == "lowrank":
             grads = [dpr_q, dpr_k]
         else:
             grads = [dpr_q]
     return dq, dk, dv, dalpha, grads
+
+
+def _reduce_lag(dl: torch.Tensor, nnb: int, k: int, blk: int, w: int) -> torch.Tensor:
+    """Per-tile diagonal sums -> gradient of the 2W+1 lag table, with dense ops in a fixed order.
+
+    Slot (key block n, dm = query block - n, t) holds lag dm·blk - (blk - 1) + t for dm in (-K, K):
+    summing over n first leaves (2K - 1) overlapping segments of 2·blk lags; the first blk entries of
+    segment dm and the last blk - 1 of segment dm - 1 tile lags ((dm - 1)·blk, dm·blk] exactly, so two
+    shifted adds lay them end to end. Lags beyond ±W then fold onto the table's ends, together with the
+    tiles that lay entirely beyond the window (the two trailing "ends" per key block).
+    """
+    bh = dl.shape[0]
+    nwin = 2 * k - 1
+    diag = dl[:, : nnb * nwin * 2 * blk].view(bh, nnb, nwin, 2 * blk).sum(1)
+    ends = dl[:, nnb * nwin * 2 * blk :].view(bh, nnb, 2).sum(1)
+    seg = torch.zeros(bh, 2 * k, blk, dtype=dl.dtype, device=dl.device)
+    seg[:, : 2 * k - 1] += diag[:, :, :blk]
+    seg[:, 1:] += diag[:, :, blk:]
+    flat = seg.reshape(bh, 2 * k * blk)
+    lags = torch.arange(-k * blk + 1, k * blk + 1, device=dl.device)
+    out = torch.zeros(bh, 2 * w + 1, dtype=dl.dtype, device=dl.device)
+    if w > 0:
+        out[:, 1 : 2 * w] = flat[:, (lags > -w) & (lags < w)]
+    out[:, 0] += flat[:, lags <= -w].sum(-1) + ends[:, 0]
+    out[:, 2 * w] += flat[:, (lags >= w) & (lags > -w)].sum(-1) + ends[:, 1]
+    return out
 
 
 def reduce_prior_grads(prior_tensors, grads, kind: str):
