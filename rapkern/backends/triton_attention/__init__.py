@@ -29,6 +29,7 @@ import os
 import torch
 
 from ..base import Backend
+from . import configs as C
 
 _IMPORT_ERROR: str | None = None
 try:  # never fail at import on a machine without triton
@@ -79,6 +80,16 @@ class TritonBackend(Backend):
                     why.append(
                         f"RelativeLagPrior table with {n} > {MAX_LAG_GRAD_ENTRIES} entries cannot get a gradient"
                     )
+
+        if dev == "cuda" and not why:
+            major, minor = torch.cuda.get_device_capability(p.device)
+            grad = torch.is_grad_enabled()
+            spill = C.unsupported_reason(
+                major * 10 + minor, max(p.head_dim, p.head_dim_v), p.dtype == torch.float32, p.dropout_p > 0,
+                p.prior_kind, grad and p.needs_prior_grad, grad and p.needs_alpha_grad and p.prior is not None,
+            )
+            if spill:
+                why.append(spill)
         return why
 
     def attention(self, p):

@@ -1,9 +1,8 @@
 """Autotune configurations for the Triton attention kernels, per kernel, architecture and head dim.
 
 Each entry is ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``, listed large to small. The autotuner is
-given the union (``all_configs``) and prunes at launch to ``configs_for(kernel, arch, d_pad, heavy)``:
-the list for the GPU's architecture and the padded head dim; "heavy" launches (``is_heavy``: more live
-tiles) keep only the smallest entry.
+given the union (``all_configs``) and prunes at launch to ``configs_for(kernel, arch, d_pad, cls)``:
+the list for the GPU's architecture, the padded head dim and the launch's feature class.
 Choices come from ahead-of-time compiles (registers / spills / shared memory, see
 tests/test_triton_compile.py), not from timings: no GPU was available when they were written.
 
@@ -13,38 +12,26 @@ when it crosses a power of two.
 
 from __future__ import annotations
 
-# TABLE[kernel][arch][head-dim bucket]: sm80 keeps operands of mma.sync in registers, so it needs
-# smaller tiles than sm90 to stay spill-free (and has 163 KB of shared memory, not 227 KB).
-TABLE = {
-    "fwd": {
-        80: {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-             128: [(64, 64, 4, 3), (64, 32, 4, 2)],
-             256: [(64, 64, 8, 2)]},
-        90: {64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-             128: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-             256: [(128, 32, 8, 2), (64, 64, 8, 2)]},
-    },
-    "dq": {
-        80: {64: [(64, 32, 4, 2), (32, 32, 4, 1)],
-             128: [(64, 128, 8, 2), (64, 32, 4, 2)],
-             256: [(32, 32, 4, 1)]},
-        90: {64: [(64, 64, 4, 2), (64, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
-             128: [(128, 64, 8, 2), (64, 128, 8, 2), (64, 32, 4, 2)],
-             256: [(64, 32, 8, 1), (32, 32, 4, 1)]},
-    },
-    "dkdv": {
-        80: {64: [(32, 64, 8, 2)],
-             128: [(32, 64, 8, 2)],
-             256: [(16, 64, 8, 1)]},
-        90: {64: [(64, 64, 4, 2), (32, 128, 8, 2), (32, 64, 4, 2)],
-             128: [(32, 128, 8, 2), (32, 64, 8, 2)],
-             256: [(32, 64, 8, 1), (16, 64, 8, 1)]},
-    },
-}
-HEAVY_KEEP = 1  # heavy launches keep this many of the smallest configs
+from . import _config_table
+
+PRIOR_CODES = {"none": 0, "lag": 1, "banded": 2, "lowrank": 3, "dense": 4}
+
+# Feature classes (``feature_class``) split launches by how much state they keep live:
+#   plain    16-bit inputs, no dropout, no prior/alpha gradient (any prior read)
+#   dropout  16-bit, in-kernel dropout, no prior/alpha gradient
+#   grad     16-bit, gradient of a lag/banded/dense prior and/or alpha, no dropout (backward kernels)
+#   lowrank  16-bit, low-rank factor gradients (the most live state), no dropout (backward kernels)
+#   fp32     fp32 inputs (3xTF32 dots), head dim <= 64, no dropout, no prior/alpha gradient
+# _config_table.TABLE maps 'kernel|class|arch|head-dim bucket|prior kind' to the configs that compile
+# without register spills and within shared memory (tools/gen_triton_configs.py found them by compiling
+# ahead of time; tests/test_triton_compile.py recompiles every entry and fails on any spill). A key with
+# no entry has no verified config: the backend declines it on CUDA (``unsupported_reason``) and "auto"
+# falls back to the torch backend. sm_100+ uses the sm_90 lists.
+_SM80, _SM90 = 80, 90
 
 # dk/dv with a lag-table gradient runs one square tile (not autotuned: the host decodes its layout)
-LAG_GRAD = {64: (32, 32, 4, 1), 128: (32, 32, 8, 1), 256: (32, 32, 8, 1)}
+LAG_GRAD = {_SM80: {64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (32, 32, 8, 1)},
+            _SM90: {64: (32, 32, 4, 1), 128: (32, 32, 4, 1), 256: (32, 32, 8, 1)}}
 
 # Block sizes used under TRITON_INTERPRET=1 (no tuning: the interpreter runs programs one at a time).
 INTERPRET_FWD = (32, 32, 4, 1)
@@ -71,37 +58,70 @@ def _bucket(d_pad: int) -> int:
     return 64 if d_pad <= 64 else (128 if d_pad <= 128 else 256)
 
 
-def configs_for(kernel: str, arch: int, d_pad: int, heavy: bool = False) -> list[tuple]:
-    """The configs the autotuner may pick for ``kernel`` ("fwd", "dq", "dkdv") on sm_<arch>."""
-    cands = TABLE[kernel][90 if arch >= 90 else 80][_bucket(d_pad)]
-    return list(cands[-HEAVY_KEEP:] if heavy else cands)
+def _arch_key(arch: int) -> int:
+    return _SM90 if arch >= 90 else _SM80
+
+
+def feature_class(kernel: str, meta: dict) -> str:
+    """The TABLE class of one launch, from its constexprs (PRIOR, DROPOUT, NEED_DPRIOR, NEED_DALPHA, IEEE)."""
+    if meta.get("IEEE"):
+        return "fp32"
+    if meta.get("DROPOUT"):
+        return "dropout"
+    if kernel == "dkdv" and meta.get("NEED_DPRIOR") and meta.get("PRIOR") in (3,):
+        return "lowrank"
+    if kernel == "dkdv":
+        return "grad" if meta.get("NEED_DPRIOR") and meta.get("PRIOR") in (2, 4) else "plain"
+    if kernel != "fwd" and (meta.get("NEED_DPRIOR") or meta.get("NEED_DALPHA")):
+        return "lowrank" if meta.get("PRIOR") == 3 else "grad"
+    return "plain"
+
+
+def configs_for(kernel: str, arch: int, d_pad: int, cls: str = "plain", prior: int = 0) -> list[tuple]:
+    """The configs the autotuner may pick for ``kernel`` ("fwd", "dq", "dkdv") on sm_<arch>; [] if none
+    is verified spill-free."""
+    key = f"{kernel}|{cls}|{_arch_key(arch)}|{_bucket(d_pad)}|{prior}"
+    return [tuple(c) for c in _config_table.TABLE.get(key, [])]
 
 
 def lag_grad_config(arch: int, d_pad: int) -> tuple:
-    return LAG_GRAD[_bucket(d_pad)]
+    return LAG_GRAD[_arch_key(arch)][_bucket(d_pad)]
 
 
 def all_configs(kernel: str) -> list[tuple]:
-    """Union over architectures and head dims (what triton.autotune is given); pruned at launch."""
+    """Union over keys (what triton.autotune is given); pruned at launch to ``configs_for``."""
     seen: list[tuple] = []
-    for per_arch in TABLE[kernel].values():
-        for cands in per_arch.values():
-            for c in cands:
+    for key, cfgs in sorted(_config_table.TABLE.items()):
+        if key.startswith(kernel + "|"):
+            for c in map(tuple, cfgs):
                 if c not in seen:
                     seen.append(c)
     return seen
 
 
-def is_heavy(kernel: str, meta: dict) -> bool:
-    """Launches with more live state than the plain loop; they get only the smallest config: in-kernel
-    dropout; in backward, lag/low-rank prior gradients and dense bias tiles; in forward, lag/low-rank/
-    dense priors at head dims above 64."""
-    prior = meta.get("PRIOR", 0)
-    if meta.get("DROPOUT"):
-        return True
-    if kernel == "fwd":
-        return prior in (1, 3, 4) and max(meta.get("D_PAD", 64), meta.get("DV_PAD", 64)) > 64
-    return prior == 4 or (bool(meta.get("NEED_DPRIOR")) and prior == 3)
+def unsupported_reason(arch: int, d: int, dtype_is_fp32: bool, dropout: bool, prior_kind: str,
+                       need_dprior: bool, need_dalpha: bool) -> str | None:
+    """Why a CUDA launch has no verified spill-free config on sm_<arch>, or None if every kernel has one."""
+    grads = need_dprior or need_dalpha
+    if dtype_is_fp32 and (dropout or grads or d > 64):
+        return (f"fp32 inputs are served at head dim <= 64 without dropout and without prior/alpha gradients "
+                f"(got D={d}, dropout={dropout}, prior/alpha grad={grads}): larger fp32 tiles spill registers")
+    if dropout and grads:
+        return "dropout together with a prior/alpha gradient has no spill-free kernel config yet"
+    cls = "fp32" if dtype_is_fp32 else "dropout" if dropout else (
+        ("lowrank" if prior_kind == "lowrank" else "grad") if grads else "plain")
+    code = PRIOR_CODES[prior_kind]
+    d_pad = pad_dim(d)
+    for kernel in ("fwd", "dq", "dkdv"):
+        k_cls = cls
+        if cls in ("grad", "lowrank") and (kernel == "fwd" or (kernel == "dkdv" and need_dprior is False)):
+            k_cls = "plain"  # forward, and dk/dv when only alpha needs a gradient, run the plain kernel
+        if kernel == "dkdv" and k_cls == "grad" and prior_kind == "lag":
+            continue  # the lag-table gradient runs the fixed LAG_GRAD tile
+        if not configs_for(kernel, arch, d_pad, k_cls, code):
+            return (f"no spill-free {kernel} kernel config on sm_{arch} for head dim {d} with "
+                    f"{'low-rank factor gradients' if cls == 'lowrank' else cls}")
+    return None
 
 
 AOT_HEAD_DIMS = (64, 128, 256)

@@ -34,9 +34,12 @@ def _prune(kernel):
     def prune(configs, named_args, **kwargs):
         meta = {**named_args, **kwargs}
         dpad = max(meta.get("D_PAD", 64), meta.get("DV_PAD", 64))
-        want = C.configs_for(kernel, _arch(), dpad, C.is_heavy(kernel, meta))
+        cls = C.feature_class(kernel, meta)
+        want = C.configs_for(kernel, _arch(), dpad, cls, meta.get("PRIOR", 0))
         keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
-        return keep or configs[-1:]
+        if not keep:  # the backend's reasons decline these launches; reaching here is a bug
+            raise RuntimeError(f"no verified spill-free {kernel} config for sm_{_arch()}, head dim {dpad}, {cls}")
+        return keep
 
     return prune
 
@@ -51,7 +54,7 @@ def _cfgs(kernel):
     return out
 
 
-_KEY = ["LQ_BUCKET", "LK_BUCKET", "PRIOR", "MASK_OUT", "CAUSAL", "HAS_KPM", "DROPOUT", "D_PAD", "DV_PAD"]
+_KEY = ["LQ_BUCKET", "LK_BUCKET", "PRIOR", "MASK_OUT", "CAUSAL", "HAS_KPM", "DROPOUT", "D_PAD", "DV_PAD", "IEEE"]
 _fwd_tuned = triton.autotune(_cfgs("fwd"), key=_KEY, prune_configs_by={"early_config_prune": _prune("fwd")})(
     _attn_fwd_kernel
 )
