@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..validate import AttentionProblem, RouteProblem
+
+
+def apply_attention_function(fn, p: AttentionProblem, seed_max: int):
+    """Call an attention ``autograd.Function`` with the signature every backend shares:
+    ``fn.apply(cfg, q, k, v, alpha_tensor_or_None, key_padding_mask, *prior_tensors)``.
+
+    The dropout seed is drawn from torch's default generator (so ``torch.manual_seed`` reproduces a run)
+    and kept in ``cfg`` for the backward to regenerate the same mask.
+    """
+    alpha_t = p.alpha if isinstance(p.alpha, torch.Tensor) else None
+    seed = int(torch.randint(0, seed_max, (1,)).item()) if p.dropout_p > 0 else 0
+    cfg = {
+        "prior": p.prior,
+        "alpha": p.alpha if alpha_t is None else None,
+        "causal": p.causal,
+        "scale": p.scale,
+        "dropout_p": p.dropout_p,
+        "seed": seed,
+    }
+    prior_tensors = () if p.prior is None else p.prior.tensors()
+    return fn.apply(cfg, p.q, p.k, p.v, alpha_t, p.key_padding_mask, *prior_tensors)
 
 
 class Backend:

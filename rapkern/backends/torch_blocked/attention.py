@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ...priors import DensePrior, Prior, lead4, sum_to
+from ..base import apply_attention_function
 from . import cpu_flash
 
 _NEG_INF = float("-inf")
@@ -263,15 +264,4 @@ class BlockedAttentionFunction(torch.autograd.Function):
 
 def blocked_attention(p) -> tuple[Tensor, Tensor]:
     """Run an ``AttentionProblem`` through the blocked autograd function."""
-    alpha_t = p.alpha if isinstance(p.alpha, Tensor) else None
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if p.dropout_p > 0 else 0
-    cfg = {
-        "prior": p.prior,
-        "alpha": p.alpha if alpha_t is None else None,
-        "causal": p.causal,
-        "scale": p.scale,
-        "dropout_p": p.dropout_p,
-        "seed": seed,
-    }
-    prior_tensors = () if p.prior is None else p.prior.tensors()
-    return BlockedAttentionFunction.apply(cfg, p.q, p.k, p.v, alpha_t, p.key_padding_mask, *prior_tensors)
+    return apply_attention_function(BlockedAttentionFunction, p, 2**62)

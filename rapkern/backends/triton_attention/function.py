@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..base import apply_attention_function
 from .launch import PriorPack, attention_bwd, attention_fwd, reduce_prior_grads
 
 
@@ -55,15 +56,4 @@ class TritonAttentionFunction(torch.autograd.Function):
 
 def triton_attention(p):
     """Run an ``AttentionProblem`` through the Triton autograd function; returns (out, lse float32)."""
-    alpha_t = p.alpha if isinstance(p.alpha, torch.Tensor) else None
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p.dropout_p > 0 else 0
-    cfg = {
-        "prior": p.prior,
-        "alpha": p.alpha if alpha_t is None else None,
-        "causal": p.causal,
-        "scale": p.scale,
-        "dropout_p": p.dropout_p,
-        "seed": seed,
-    }
-    prior_tensors = () if p.prior is None else p.prior.tensors()
-    return TritonAttentionFunction.apply(cfg, p.q, p.k, p.v, alpha_t, p.key_padding_mask, *prior_tensors)
+    return apply_attention_function(TritonAttentionFunction, p, 2**31 - 1)  # the kernels' seed is int32
