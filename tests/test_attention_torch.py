@@ -27,6 +27,7 @@ PRIOR_KINDS = ["none", "lag", "banded", "banded_masked", "lowrank", "dense"]
 def many_blocks(monkeypatch):
     """Force the smallest query blocks (16 rows) so every length > 16 walks several tiles."""
     monkeypatch.setenv("RAPKERN_TORCH_TILE_MB", "0.001")
+    monkeypatch.setenv("RAPKERN_TORCH_FUSED_ROWS", "16")
 
 
 @pytest.fixture(params=["cpu-fused", "blocked"])
@@ -530,8 +531,10 @@ def test_many_blocks_equals_one_block(kind, monkeypatch):
         return (out, lse, *torch.autograd.grad(out.sum(), leaves))
 
     monkeypatch.setenv("RAPKERN_TORCH_TILE_MB", "1024")
+    monkeypatch.setenv("RAPKERN_TORCH_FUSED_ROWS", "1024")
     one = go()
     monkeypatch.setenv("RAPKERN_TORCH_TILE_MB", "0.001")
+    monkeypatch.setenv("RAPKERN_TORCH_FUSED_ROWS", "16")
     many = go()
     for a, bb in zip(one, many):
         torch.testing.assert_close(a, bb, atol=1e-12, rtol=1e-12)

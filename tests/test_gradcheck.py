@@ -80,6 +80,7 @@ def test_gradcheck_attention(kind, mask):
 def test_gradcheck_many_blocks(kind, monkeypatch):
     """Lq = 18 > 16 rows per block: gradients accumulated across query blocks."""
     monkeypatch.setenv("RAPKERN_TORCH_TILE_MB", "0.001")
+    monkeypatch.setenv("RAPKERN_TORCH_FUSED_ROWS", "16")
     b, h, lq, lk, d = 1, 1, 18, 4, 2
     q, k, v = _r(b, h, lq, d, seed=1), _r(b, h, lk, d, seed=2), _r(b, h, lk, 2, seed=3)
     pts = _prior_tensors(kind, (), lq, lk, seed=4)
@@ -172,6 +173,7 @@ def test_gradcheck_route(normalize, top_k, grouped, return_weights):
 
 def test_gradcheck_route_many_blocks(monkeypatch):
     monkeypatch.setenv("RAPKERN_TORCH_TILE_MB", "0.000001")
+    monkeypatch.setenv("RAPKERN_TORCH_FUSED_ROWS", "16")
     q, c, a = _r(20, 3, seed=1), _r(3, 3, seed=2), _r(3, 2, seed=3)
     for top_k in (None, 2):
         assert gradcheck(lambda q, c, a, k=top_k: rapkern.lda_route(q, c, a, tau=0.5, top_k=k), (q, c, a), **GC)

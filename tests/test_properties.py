@@ -95,6 +95,7 @@ def test_agrees_with_float64_reference(p, blocked, prior_grad, tile):
         if blocked:
             _force_blocked(mp)
         mp.setenv("RAPKERN_TORCH_TILE_MB", tile)
+        mp.setenv("RAPKERN_TORCH_FUSED_ROWS", ("16" if tile == "0.001" else "1024"))
         _check_agreement(p, prior_grad)
 
 
@@ -252,8 +253,10 @@ def test_tile_size_does_not_matter(p, tile):
     kw = dict(prior=prior, alpha=alpha, causal=p["causal"], key_padding_mask=kpm, return_lse=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAPKERN_TORCH_TILE_MB", tile)
+        mp.setenv("RAPKERN_TORCH_FUSED_ROWS", ("16" if tile == "0.001" else "1024"))
         a = rapkern.attention(q, k, v, **kw)
         mp.setenv("RAPKERN_TORCH_TILE_MB", "0.001")
+        mp.setenv("RAPKERN_TORCH_FUSED_ROWS", "16")
         b = rapkern.attention(q, k, v, **kw)
     torch.testing.assert_close(a[0], b[0], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=1e-7)

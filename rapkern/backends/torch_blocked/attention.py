@@ -54,6 +54,12 @@ class TilePlan:
         self.seed = seed
         self.bq = self._block_rows()
 
+    def use_fused_blocks(self) -> None:
+        """Before running the fused CPU kernel: when no tile is materialized, take bigger blocks."""
+        if cpu_flash.mask_is_view(self):
+            rows = int(os.environ.get("RAPKERN_TORCH_FUSED_ROWS", "1024"))
+            self.bq = max(1, min(rows, self.lq))
+
     def _block_rows(self) -> int:
         budget = int(float(os.environ.get("RAPKERN_TORCH_TILE_MB", "32")) * 2**20)
         esize = torch.finfo(self.cdt).bits // 8
@@ -220,7 +226,11 @@ class BlockedAttentionFunction(torch.autograd.Function):
         alpha = alpha_t if alpha_t is not None else cfg["alpha"]
         seed = cfg["seed"]
         plan = TilePlan(q, k, v, prior, alpha, cfg["causal"], kpm, cfg["scale"], cfg["dropout_p"], seed)
-        out, lse = cpu_flash.forward(plan) if cpu_flash.usable(plan) else attention_fwd(plan)
+        if cpu_flash.usable(plan):
+            plan.use_fused_blocks()
+            out, lse = cpu_flash.forward(plan)
+        else:
+            out, lse = attention_fwd(plan)
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, out, lse, alpha_t, kpm, *prior_tensors)
         lse32 = lse.float()
@@ -237,6 +247,7 @@ class BlockedAttentionFunction(torch.autograd.Function):
         nig = ctx.needs_input_grad
         need_alpha = alpha_t is not None and nig[4] and prior is not None
         if cpu_flash.backward_usable(plan, need_alpha or any(nig[6:])):
+            plan.use_fused_blocks()
             dq, dk, dv = cpu_flash.backward(plan, out, lse, dout)
             dalpha, dprior = None, None
         else:

@@ -33,6 +33,12 @@ def usable(plan) -> bool:
     )
 
 
+def mask_is_view(plan) -> bool:
+    """True when every block's mask is a strided view (lag or no prior, no key padding): nothing of
+    size bq x nk is materialized, so blocks can be large."""
+    return (plan.prior is None or isinstance(plan.prior, RelativeLagPrior)) and plan.kpm5 is None
+
+
 def backward_usable(plan, need_prior_or_alpha: bool) -> bool:
     return _BWD is not None and usable(plan) and not need_prior_or_alpha
 
