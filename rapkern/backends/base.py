@@ -28,6 +28,16 @@ def apply_attention_function(fn, p: AttentionProblem, seed_max: int):
     return fn.apply(cfg, p.q, p.k, p.v, alpha_t, p.key_padding_mask, *prior_tensors)
 
 
+def alpha_grad(alpha_t, dalpha, heads: int, needed: bool):
+    """The gradient returned for the alpha input: per-head ``dalpha`` (None when no prior term depends on
+    alpha: zeros), summed for a scalar alpha, in alpha's dtype; None when alpha needs none."""
+    if alpha_t is None or not needed:
+        return None
+    if dalpha is None:
+        dalpha = torch.zeros(heads, dtype=alpha_t.dtype, device=alpha_t.device)
+    return (dalpha.sum() if alpha_t.dim() == 0 else dalpha).to(alpha_t.dtype)
+
+
 class Backend:
     """A backend answers ``*_reasons(problem) -> list[str]`` (empty = can serve) and runs the op.
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ...priors import DensePrior, Prior, lead4, sum_to
-from ..base import apply_attention_function
+from ..base import alpha_grad, apply_attention_function
 from . import cpu_flash
 
 _NEG_INF = float("-inf")
@@ -257,11 +257,7 @@ class BlockedAttentionFunction(torch.autograd.Function):
         grads_prior = []
         for t, gbuf in zip(prior_tensors, dprior or [None] * len(prior_tensors)):
             grads_prior.append(None if gbuf is None else gbuf.reshape(t.shape).to(t.dtype))
-        dalpha_out = None
-        if alpha_t is not None and nig[4]:
-            if dalpha is None:
-                dalpha = torch.zeros(plan.hq, dtype=alpha_t.dtype, device=alpha_t.device)
-            dalpha_out = (dalpha.sum() if alpha_t.dim() == 0 else dalpha).to(alpha_t.dtype)
+        dalpha_out = alpha_grad(alpha_t, dalpha, plan.hq, nig[4])
         return (
             None,
             None if dq is None else dq.to(q.dtype),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import apply_attention_function
+from ..base import alpha_grad, apply_attention_function
 from .launch import PriorPack, attention_bwd, attention_fwd, reduce_prior_grads
 
 
@@ -38,11 +38,7 @@ class TritonAttentionFunction(torch.autograd.Function):
         if need_dprior:
             reduced = reduce_prior_grads(prior_tensors, grads, prior.kind)
             grads_prior = [g if need else None for g, need in zip(reduced, nig[6:])]
-        dalpha_out = None
-        if alpha_t is not None and nig[4]:
-            if dalpha is None:
-                dalpha = torch.zeros(q.shape[1], dtype=torch.float32, device=q.device)
-            dalpha_out = (dalpha.sum() if alpha_t.dim() == 0 else dalpha).to(alpha_t.dtype)
+        dalpha_out = alpha_grad(alpha_t, dalpha, q.shape[1], nig[4])
         return (
             None,
             dq if nig[1] else None,
