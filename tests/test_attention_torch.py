@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import helpers
 import pytest
 import torch
 
@@ -21,6 +22,15 @@ FLOOR = {torch.float64: 1e-11, torch.float32: 1e-5, torch.float16: 5e-4, torch.b
 LSE_FLOOR = {torch.float64: 2e-6, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 PRIOR_KINDS = ["none", "lag", "banded", "banded_masked", "lowrank", "dense"]
+
+_gen = helpers.gen
+_leaf_like = helpers.leaf_like
+make_prior = helpers.make_prior
+
+
+def _floor(dtype, ref, table=FLOOR, reduce_len=1):
+    return helpers.scaled_floor(table, dtype, ref, reduce_len)
+
 
 
 @pytest.fixture
@@ -39,49 +49,6 @@ def path(request, monkeypatch):
 
         monkeypatch.setattr(cpu_flash, "usable", lambda plan: False)
     return request.param
-
-
-def _gen(seed):
-    g = torch.Generator().manual_seed(seed)
-    return g
-
-
-def make_prior(kind, lead, lq, lk, *, gen, dtype=torch.float64, w=3, r=4, requires_grad=True):
-    """A prior of ``kind`` whose tensors have leading dims ``lead``; tensors are float64-seeded leaves."""
-
-    def rnd(*shape):
-        t = torch.randn(*lead, *shape, generator=gen, dtype=torch.float64).to(dtype)
-        return t.requires_grad_(requires_grad)
-
-    if kind == "none":
-        return None
-    if kind == "lag":
-        return RelativeLagPrior(rnd(2 * w + 1))
-    if kind == "banded":
-        return BandedPrior(rnd(lq, 2 * w + 1))
-    if kind == "banded_masked":
-        return BandedPrior(rnd(lq, 2 * w + 1), mask_outside=True)
-    if kind == "lowrank":
-        return LowRankPrior(rnd(lq, r), rnd(lk, r))
-    if kind == "dense":
-        return DensePrior(rnd(lq, lk))
-    raise AssertionError(kind)
-
-
-def _leaf_like(t, dtype):
-    return t.detach().to(dtype).requires_grad_(t.requires_grad)
-
-
-def _floor(dtype, ref, table=FLOOR, reduce_len=1):
-    """table[dtype] x max(1, max|ref|), x sqrt(length) for gradients summed over a sequence.
-
-    A gradient can be exactly 0 in the reference while the kernel's is a sum of ``reduce_len`` rounding
-    errors (e.g. Lk = 1: softmax is exactly 1; FA issue #1253), hence the sqrt(length) factor.
-    """
-    ref = ref.detach()
-    finite = ref[torch.isfinite(ref)]
-    mag = float(finite.abs().max()) if finite.numel() else 0.0
-    return table[dtype] * max(1.0, mag) * math.sqrt(reduce_len)
 
 
 def run_case(q, k, v, *, prior=None, alpha=1.0, causal=False, key_padding_mask=None, scale=None, seed=0,

@@ -13,9 +13,10 @@ test_triton_gpu.py.
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 
+import helpers
 import pytest
 import torch
 
@@ -42,40 +43,14 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 LSE_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 PRIOR_KINDS = ["none", "lag", "banded", "banded_masked", "lowrank", "dense"]
 
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def make_prior(kind, lead, lq, lk, *, gen, dtype=torch.float32, w=3, r=4, requires_grad=True):
-    def rnd(*shape):
-        t = torch.randn(*lead, *shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-        return t.requires_grad_(requires_grad)
-
-    if kind == "none":
-        return None
-    if kind == "lag":
-        return RelativeLagPrior(rnd(2 * w + 1))
-    if kind == "banded":
-        return BandedPrior(rnd(lq, 2 * w + 1))
-    if kind == "banded_masked":
-        return BandedPrior(rnd(lq, 2 * w + 1), mask_outside=True)
-    if kind == "lowrank":
-        return LowRankPrior(rnd(lq, r), rnd(lk, r))
-    if kind == "dense":
-        return DensePrior(rnd(lq, lk))
-    raise AssertionError(kind)
-
-
-def _leaf_like(t, dtype):
-    return t.detach().to(dtype).requires_grad_(t.requires_grad)
+_gen = helpers.gen
+_leaf_like = helpers.leaf_like
+make_prior = functools.partial(helpers.make_prior, device=DEVICE, dtype=torch.float32)
 
 
 def _floor(dtype, ref, table=FLOOR, reduce_len=1):
-    ref = ref.detach()
-    finite = ref[torch.isfinite(ref)]
-    mag = float(finite.abs().max()) if finite.numel() else 0.0
-    return table[dtype] * max(1.0, mag) * math.sqrt(reduce_len)
+    return helpers.scaled_floor(table, dtype, ref, reduce_len)
+
 
 
 def _run(fn, q, k, v, prior, alpha, dt, names, gout, **kw):
