@@ -18,7 +18,7 @@ reproducible. Dropout masks are regenerated from the same Philox counters as the
 import triton
 import triton.language as tl
 
-from ._common import _dot, _dot_f32, _dropout_uniform, _load_factor, _logits
+from ._common import _dot, _dot_f32, _dropout_uniform, _key_block_range, _load_factor, _load_rows_T, _logits
 
 
 @triton.jit
@@ -61,14 +61,7 @@ def _attn_bwd_dq_kernel(
     dpr_base = off_bh.to(tl.int64) * Lq * dpr_r
     alpha = tl.load(Alpha + off_h)
 
-    lo = 0
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
-    if PRIOR == 2:
-        if MASK_OUT:
-            lo = tl.maximum(start_m * BLOCK_M - PW, 0) // BLOCK_N * BLOCK_N
-            hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + PW)
+    lo, hi = _key_block_range(start_m, Lk, PW, PRIOR, MASK_OUT, CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     da = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -76,17 +69,13 @@ def _attn_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
-        k_row = k_base + tl.cast(start_n, tl.int64) * sk_n
-        kT = tl.load(k_row + (tl.arange(0, BLOCK_N)[None, :] * sk_n + offs_d[:, None]),
-                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        kT = _load_rows_T(k_base, start_n, sk_n, offs_d, n_ok, D, BLOCK_N)
         s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk,
                        off_b, Kpm, skpm_b,
                        P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
                        PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, NEED_DALPHA, False)
         p = tl.math.exp2(s - lse2[:, None])
-        v_row = v_base + tl.cast(start_n, tl.int64) * sv_n
-        vT = tl.load(v_row + (tl.arange(0, BLOCK_N)[None, :] * sv_n + offs_dv[:, None]),
-                     mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        vT = _load_rows_T(v_base, start_n, sv_n, offs_dv, n_ok, DV, BLOCK_N)
         dp = _dot(do, vT, IEEE)
         if DROPOUT:
             u = _dropout_uniform(seed, off_bh, offs_m, start_n, BLOCK_M, BLOCK_N)

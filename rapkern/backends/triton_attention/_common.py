@@ -39,6 +39,32 @@ def _dot_f32(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _key_block_range(start_m, Lk, PW, PRIOR: tl.constexpr, MASK_OUT: tl.constexpr, CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys query block ``start_m`` can see (block skipping): the causal prefix, and for a
+    banded prior with ``mask_outside`` only the key blocks that meet the band, so work grows as L·w.
+    The in-kernel twin of ``Prior.key_range`` plus causal in the torch backend."""
+    lo = start_m * 0
+    hi = lo + Lk
+    if CAUSAL:
+        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
+    if PRIOR == 2:
+        if MASK_OUT:
+            lo = tl.maximum(start_m * BLOCK_M - PW, 0) // BLOCK_N * BLOCK_N
+            hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + PW)
+    return lo, hi
+
+
+@triton.jit
+def _load_rows_T(base, start_n, stride, offs_c, n_ok, C, BLOCK_N: tl.constexpr):
+    """Rows [start_n, start_n + BLOCK_N) of a (L, C) matrix, transposed to (C_PAD, BLOCK_N); the int64
+    row base is computed once per tile, in-tile offsets stay 32-bit."""
+    row = base + tl.cast(start_n, tl.int64) * stride
+    return tl.load(row + (tl.arange(0, BLOCK_N)[None, :] * stride + offs_c[:, None]),
+                   mask=n_ok[None, :] & (offs_c[:, None] < C), other=0.0)
+
+
+@triton.jit
 def _load_factor(ptr, base, offs, n, s_r, s_c, R, R_PAD: tl.constexpr):
     """Rows ``offs`` of a low-rank factor as fp32 (len(offs), R_PAD), zero beyond n rows / R columns."""
     offs_r = tl.arange(0, R_PAD)

@@ -7,7 +7,7 @@ fp32 accumulators; causal and ``mask_outside`` bands shrink the key loop bounds 
 import triton
 import triton.language as tl
 
-from ._common import _dot, _dropout_uniform, _logits
+from ._common import _dot, _dropout_uniform, _key_block_range, _load_rows_T, _logits
 
 
 @triton.jit
@@ -40,14 +40,7 @@ def _attn_fwd_kernel(
     p2_base = off_b.to(tl.int64) * sp2_b + off_h.to(tl.int64) * sp2_h
     alpha = tl.load(Alpha + off_h)
 
-    lo = 0
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
-    if PRIOR == 2:
-        if MASK_OUT:  # only key blocks that meet the band: work grows as L·w
-            lo = tl.maximum(start_m * BLOCK_M - PW, 0) // BLOCK_N * BLOCK_N
-            hi = tl.minimum(hi, (start_m + 1) * BLOCK_M + PW)
+    lo, hi = _key_block_range(start_m, Lk, PW, PRIOR, MASK_OUT, CAUSAL, BLOCK_M, BLOCK_N)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -55,10 +48,7 @@ def _attn_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
-        # int64 scalar row base + int32 in-tile offsets: 64-bit math only once per tile
-        k_row = k_base + tl.cast(start_n, tl.int64) * sk_n
-        kT = tl.load(k_row + (tl.arange(0, BLOCK_N)[None, :] * sk_n + offs_d[:, None]),
-                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        kT = _load_rows_T(k_base, start_n, sk_n, offs_d, n_ok, D, BLOCK_N)
         s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk,
                        off_b, Kpm, skpm_b,
                        P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
