@@ -14,6 +14,13 @@ from .backends.base import Backend
 
 _REGISTRY: dict[str, Backend] = {}
 _PRIORITY: list[str] = []  # fastest first
+# op name -> the Backend method that lists reasons against serving it
+_REASONS = {
+    "attention": "attention_reasons",
+    "lda_route": "route_reasons",
+    "attention_stats": "stats_reasons",
+    "attention_kl": "kl_reasons",
+}
 
 
 def register(backend: Backend, *, priority: int) -> None:
@@ -39,7 +46,9 @@ def _reasons(b: Backend, check: Callable) -> list[str]:
 def choose(op: str, problem, backend: str) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    check = (lambda b: b.attention_reasons(problem)) if op == "attention" else (lambda b: b.route_reasons(problem))
+    if op not in _REASONS:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(_REASONS)}")
+    check = lambda b: getattr(b, _REASONS[op])(problem)
     if backend == "auto":
         backend = os.environ.get("RAPKERN_BACKEND", "auto") or "auto"
     if backend != "auto":

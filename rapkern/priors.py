@@ -66,6 +66,28 @@ def _check_tensor(name: str, t, device: torch.device) -> None:
         raise ValueError(f"{name} must be on the same device as q ({device}), got {t.device}")
 
 
+_NONFINITE_HINT = (
+    "; to exclude keys use causal=, key_padding_mask=, BandedPrior(mask_outside=True) or -inf entries of a DensePrior"
+)
+
+
+def _check_values(name: str, t: Tensor, allow_neginf: bool = False) -> None:
+    """Compact priors must be finite: ``α·(±inf)`` has no meaning for α = 0 (it would be NaN), so a lag
+    table or band cannot mask. Only a dense bias may hold -inf (a mask for every head, whatever α).
+
+    Reads the tensor once (a host sync on CUDA); under torch.compile it becomes an in-graph assert.
+    """
+    if t.device.type == "meta":  # shapes only (fake/meta dispatch): no values to check
+        return
+    bad = torch.isnan(t) | torch.isposinf(t) if allow_neginf else ~torch.isfinite(t)
+    what = "NaN or +inf" if allow_neginf else "non-finite values (NaN or ±inf)"
+    msg = f"{name} must not contain {what}" + ("" if allow_neginf else _NONFINITE_HINT)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), msg)
+    elif bool(bad.any()):
+        raise ValueError(msg + f"; got {int(bad.sum())} such entries")
+
+
 class Prior:
     """Base class. Subclasses hold compact tensors and answer per-tile questions."""
 
@@ -137,6 +159,7 @@ class RelativeLagPrior(Prior):
 
     def check(self, batch, heads, lq, lk, device):
         _check_tensor("RelativeLagPrior.table", self.table, device)
+        _check_values("RelativeLagPrior.table", self.table)
         _check_leading("RelativeLagPrior.table", self.table, 1, batch, heads)
         n = self.table.shape[-1]
         if n % 2 == 0:
@@ -207,6 +230,7 @@ class BandedPrior(Prior):
 
     def check(self, batch, heads, lq, lk, device):
         _check_tensor("BandedPrior.values", self.values, device)
+        _check_values("BandedPrior.values", self.values)
         _check_leading("BandedPrior.values", self.values, 2, batch, heads)
         n = self.values.shape[-1]
         if n % 2 == 0:
@@ -281,6 +305,8 @@ class LowRankPrior(Prior):
     def check(self, batch, heads, lq, lk, device):
         _check_tensor("LowRankPrior.u", self.u, device)
         _check_tensor("LowRankPrior.v", self.v, device)
+        _check_values("LowRankPrior.u", self.u)
+        _check_values("LowRankPrior.v", self.v)
         _check_leading("LowRankPrior.u", self.u, 2, batch, heads)
         _check_leading("LowRankPrior.v", self.v, 2, batch, heads)
         if self.u.shape[-2] != lq:
@@ -330,6 +356,7 @@ class DensePrior(Prior):
 
     def check(self, batch, heads, lq, lk, device):
         _check_tensor("DensePrior.bias", self.bias, device)
+        _check_values("DensePrior.bias", self.bias, allow_neginf=True)
         _check_leading("DensePrior.bias", self.bias, 2, batch, heads)
         if tuple(self.bias.shape[-2:]) != (lq, lk):
             raise ValueError(

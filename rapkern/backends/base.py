@@ -38,6 +38,41 @@ def alpha_grad(alpha_t, dalpha, heads: int, needed: bool):
     return (dalpha.sum() if alpha_t.dim() == 0 else dalpha).to(alpha_t.dtype)
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on first-order gradients whose own backward raises: rapkern's backward passes are not
+    differentiable, and saying so beats an internal ATen message (or silently wrong second derivatives)."""
+
+    @staticmethod
+    def forward(ctx, n_anchor, *tensors):
+        ctx.n_anchor = n_anchor
+        return tuple(t.clone() for t in tensors[n_anchor:])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "rapkern: double backward (create_graph=True, higher-order gradients) through rapkern.attention "
+            "is not supported; compute first-order gradients only, or use rapkern.testing.reference_attention "
+            "(float64, O(L²) memory) where second derivatives are needed"
+        )
+
+
+def guard_double_backward(grads: tuple, anchors) -> tuple:
+    """Return ``grads`` unchanged under plain backward. Under ``create_graph=True`` the backward ran with
+    no graph (see the Functions); its results are then tied to the inputs through ``_NoDoubleBackward`` so
+    that differentiating them raises a clear error, while using them as values still works."""
+    if not torch.is_grad_enabled():
+        return grads
+    anchor = [a for a in anchors if isinstance(a, torch.Tensor) and a.requires_grad]
+    idx = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    if not anchor or not idx:
+        return grads
+    guarded = _NoDoubleBackward.apply(len(anchor), *anchor, *(grads[i] for i in idx))
+    out = list(grads)
+    for i, g in zip(idx, guarded):
+        out[i] = g
+    return tuple(out)
+
+
 class Backend:
     """A backend answers ``*_reasons(problem) -> list[str]`` (empty = can serve) and runs the op.
 
@@ -72,4 +107,20 @@ class Backend:
 
     def route(self, p: RouteProblem, return_weights: bool = False):
         """Return ``(out, weights, indices)`` with a leading group dim; weights/indices may be None."""
+        raise NotImplementedError
+
+    # Attention statistics (rapkern.attention_stats) and attention distillation (rapkern.attention_kl).
+    # The problem objects are defined in rapkern/stats.py (StatsProblem, KLProblem).
+    def stats_reasons(self, p) -> list[str]:
+        return ["attention_stats is not implemented by this backend"]
+
+    def attention_stats(self, p):
+        """Return ``(entropy (B, Hq, Lq), key_mass (B, Hq, Lk))``, float32, differentiable."""
+        raise NotImplementedError
+
+    def kl_reasons(self, p) -> list[str]:
+        return ["attention_kl is not implemented by this backend"]
+
+    def attention_kl(self, p):
+        """Return the per-row KL(teacher || student) ``(B, H, Lq)`` float32, differentiable w.r.t. the student."""
         raise NotImplementedError

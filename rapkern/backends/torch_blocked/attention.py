@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ...priors import DensePrior, Prior, lead4, sum_to
-from ..base import alpha_grad, apply_attention_function
+from ..base import alpha_grad, apply_attention_function, guard_double_backward
 from . import cpu_flash
 
 _NEG_INF = float("-inf")
@@ -162,12 +162,18 @@ def attention_fwd(plan: TilePlan) -> tuple[Tensor, Tensor]:
     return out.reshape(p_.b, p_.hq, p_.lq, p_.dv), lse.reshape(p_.b, p_.hq, p_.lq)
 
 
-def attention_bwd(plan: TilePlan, out, lse, dout, need_q, need_k, need_v, prior_needs, need_alpha):
-    """Gradients (dq, dk, dv, dalpha per head, [d prior tensor...]) by tile recomputation."""
+def attention_bwd(plan: TilePlan, out, lse, dout, need_q, need_k, need_v, prior_needs, need_alpha, dlse=None):
+    """Gradients (dq, dk, dv, dalpha per head, [d prior tensor...]) by tile recomputation.
+
+    ``dlse`` (B, Hq, Lq) or None: the gradient reaching the LSE output. Since dlse_i/ds_ij = p_ij, it
+    enters as ``ds = p·(dp − (delta − dlse))``.
+    """
     p_ = plan
     cdt, b, hkv, g = p_.cdt, p_.b, p_.hkv, p_.g
     dog = dout.reshape(b, hkv, g, p_.lq, p_.dv).to(cdt)
     delta = (dog * out.reshape(b, hkv, g, p_.lq, p_.dv).to(cdt)).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.reshape(b, hkv, g, p_.lq).to(cdt)
     lse_g = lse.reshape(b, hkv, g, p_.lq).to(cdt)
     lse_g = lse_g.masked_fill(lse_g == _NEG_INF, float("inf"))  # dead rows: p = exp(-inf) = 0
     dq = torch.zeros(b, hkv, g, p_.lq, p_.d, dtype=cdt, device=p_.device) if need_q else None
@@ -233,26 +239,35 @@ class BlockedAttentionFunction(torch.autograd.Function):
             out, lse = attention_fwd(plan)
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, out, lse, alpha_t, kpm, *prior_tensors)
-        lse32 = lse.float()
-        ctx.mark_non_differentiable(lse32)
-        return out, lse32
+        ctx.set_materialize_grads(False)  # an unused out or lse gets no zero-filled gradient
+        return out, lse.float()
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
+        with torch.no_grad():  # the backward is not differentiable: see guard_double_backward
+            grads = BlockedAttentionFunction._backward(ctx, dout, dlse)
+        return guard_double_backward(grads, ctx.saved_tensors)
+
+    @staticmethod
+    def _backward(ctx, dout, dlse):
         q, k, v, out, lse, alpha_t, kpm, *prior_tensors = ctx.saved_tensors
         cfg = ctx.cfg
         prior = None if cfg["prior"] is None else cfg["prior"].with_tensors(*prior_tensors)
         alpha = alpha_t if alpha_t is not None else cfg["alpha"]
         plan = TilePlan(q, k, v, prior, alpha, cfg["causal"], kpm, cfg["scale"], cfg["dropout_p"], cfg["seed"])
         nig = ctx.needs_input_grad
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:  # rows with no key (lse = -inf) have p = 0: whatever reaches them is dropped
+            dlse = dlse.masked_fill(lse == _NEG_INF, 0.0)
         need_alpha = alpha_t is not None and nig[4] and prior is not None
-        if cpu_flash.backward_usable(plan, need_alpha or any(nig[6:])):
+        if dlse is None and cpu_flash.backward_usable(plan, need_alpha or any(nig[6:])):
             plan.use_fused_blocks()
             dq, dk, dv = cpu_flash.backward(plan, out, lse, dout)
             dalpha, dprior = None, None
         else:
             dq, dk, dv, dalpha, dprior = attention_bwd(
-                plan, out, lse, dout.contiguous(), nig[1], nig[2], nig[3], list(nig[6:]), need_alpha
+                plan, out, lse, dout.contiguous(), nig[1], nig[2], nig[3], list(nig[6:]), need_alpha, dlse
             )
         grads_prior = []
         for t, gbuf in zip(prior_tensors, dprior or [None] * len(prior_tensors)):

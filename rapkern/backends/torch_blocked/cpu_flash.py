@@ -9,6 +9,11 @@ vector of bq + nk − 1 entries, so the bias costs no memory traffic at all. Oth
 Used when: CPU tensors, head dim of v equals that of q/k (the op's requirement), no dropout. Rows with
 no visible key are found exactly from interval counts (all masks here are intervals per row plus key
 padding) and get lse −inf (the op returns 0 output and 0 lse for them).
+
+Preconditions of the private op, established here (it checks none of them and silently reads wrong
+elements otherwise): every tensor operand (q, k, v, out, dout, the mask) has unit stride in its last dim.
+Public SDPA routes other layouts to its math path; we copy the offending operand once per call instead
+(O(L·D), against the O(L²·D) of the call), see ``_unit_last``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from ...priors import DensePrior, RelativeLagPrior
 _NEG_INF = float("-inf")
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    """``t`` with unit stride in its last dim (the fused op's precondition): a copy only when needed."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def usable(plan) -> bool:
@@ -72,8 +82,10 @@ class _Frame:
         self.reversed = plan.prior is None or isinstance(plan.prior, RelativeLagPrior)
         k = plan.kc.squeeze(2)
         v = plan.vc.squeeze(2)
-        self.k = k.flip(2) if self.reversed else k
-        self.v = v.flip(2) if self.reversed else v
+        # flip() copies but keeps the input's strides, so the stride fix comes after it
+        self.k = _unit_last(k.flip(2) if self.reversed else k)
+        self.v = _unit_last(v.flip(2) if self.reversed else v)
+        self.q = _unit_last(plan.qg.reshape(plan.b, plan.hq, plan.lq, plan.d))
         self.kpm_bias = None
         if plan.kpm5 is not None:
             kb = torch.zeros(plan.b, 1, 1, plan.lk, dtype=plan.cdt, device=plan.device)
@@ -94,7 +106,7 @@ class _Frame:
         if self.kpm_bias is not None:
             kb = self.kpm_bias[..., self.keys(j0, j1)]
             tile = kb if tile is None else tile + kb
-        return tile
+        return None if tile is None else _unit_last(tile)
 
     def _lag_view(self, i0, i1, j0, j1) -> Tensor | None:
         """Reversed column c' is key j1-1-c', so lag = (i0 - j1 + 1) + r + c': a Hankel view."""
@@ -122,7 +134,7 @@ def forward(plan) -> tuple[Tensor, Tensor]:
     fr = _Frame(p)
     out = torch.zeros(p.b, p.hq, p.lq, p.dv, dtype=p.qg.dtype, device=p.device)
     lse = torch.full((p.b, p.hq, p.lq), _NEG_INF, dtype=p.cdt, device=p.device)
-    q = p.qg.reshape(p.b, p.hq, p.lq, p.d)
+    q = fr.q
     for i0, i1, j0, j1 in p.blocks():
         if j1 <= j0:
             continue
@@ -143,7 +155,8 @@ def backward(plan, out: Tensor, lse: Tensor, dout: Tensor):
     """dq, dk, dv (compute dtype) through the fused CPU backward, one query block at a time."""
     p = plan
     fr = _Frame(p)
-    q = p.qg.reshape(p.b, p.hq, p.lq, p.d)
+    q = fr.q
+    out, dout = _unit_last(out), _unit_last(dout)
     lse_op = lse.masked_fill(lse == _NEG_INF, 0.0).to(p.cdt)  # dead rows: mask is all -inf -> p = 0
     dq = torch.zeros(p.b, p.hq, p.lq, p.d, dtype=p.cdt, device=p.device)
     dk = torch.zeros(p.b, p.hkv, p.lk, p.d, dtype=p.cdt, device=p.device)

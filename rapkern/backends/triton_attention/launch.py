@@ -145,8 +145,12 @@ def attention_fwd(q, k, v, pack: PriorPack, alpha, kpm, causal, scale, dropout_p
 
 
 def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, scale, dropout_p, seed,
-                  need_dprior: bool, need_dalpha: bool):
-    """Returns (dq, dk, dv, dalpha per head or None, [grad per prior tensor (lead4-shaped) or None])."""
+                  need_dprior: bool, need_dalpha: bool, dlse=None):
+    """Returns (dq, dk, dv, dalpha per head or None, [grad per prior tensor (lead4-shaped) or None]).
+
+    ``dlse`` (B, Hq, Lq) or None: the gradient reaching the LSE; it enters the kernels through delta
+    (``ds = p·(dp − (delta − dlse))``, since dlse_i/ds_ij = p_ij).
+    """
     b, hq, lq, d = q.shape
     hkv, lk, dvd = k.shape[1], k.shape[2], v.shape[3]
     dev = q.device
@@ -155,7 +159,10 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
     dq = torch.empty(b, hq, lq, d, dtype=q.dtype, device=dev)
     dk = torch.empty(b, hkv, lk, d, dtype=k.dtype, device=dev)
     dv = torch.empty(b, hkv, lk, dvd, dtype=v.dtype, device=dev)
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
     kpm_t, skpm, has_kpm = _kpm(kpm, q)
     alpha_v = _alpha_vec(alpha, hq, dev)
     f32 = dict(dtype=torch.float32, device=dev)
