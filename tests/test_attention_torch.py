@@ -231,6 +231,23 @@ def test_lowrank_mixed_leading_dims(many_blocks):
     run_case(q, k, v, prior=LowRankPrior(u, w), alpha=0.7, causal=True)
 
 
+@pytest.mark.parametrize("dv", [16, 12])
+def test_lowrank_runs_as_one_unbiased_call_on_cpu(dv, monkeypatch):
+    """The CPU path takes the exact concat route ([scale·q, α·u]·[k, v]ᵀ) and agrees with the tile loop."""
+    from rapkern.backends.torch_blocked import lowrank_concat
+
+    calls = []
+    real = lowrank_concat.as_unbiased
+    monkeypatch.setattr(lowrank_concat, "as_unbiased", lambda p: calls.append(1) or real(p))
+    q, k, _ = qkv(2, 4, 2, 19, 21, 16, seed=3)
+    v = torch.randn(2, 2, 21, dv, generator=_gen(4))
+    u = torch.randn(4, 19, 3, generator=_gen(5)).requires_grad_()  # per query head: kv heads repeat
+    w = torch.randn(4, 21, 3, generator=_gen(6)).requires_grad_()
+    run_case(q, k, v, prior=LowRankPrior(u, w), alpha=torch.tensor([1.0, 0.5, 0.0, -2.0], requires_grad=True),
+             causal=True, key_padding_mask=torch.rand(2, 21, generator=_gen(7)) < 0.3)
+    assert calls, "the low-rank concat route was not taken"
+
+
 @pytest.mark.parametrize("kind", ["lag", "banded", "lowrank", "dense"])
 def test_wide_prior_magnitude(kind, many_blocks):
     """A large prior (x8) dominates the logits; the kernel must still track the reference."""

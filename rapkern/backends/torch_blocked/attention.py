@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...priors import DensePrior, Prior, lead4, sum_to
 from ..base import alpha_grad, apply_attention_function, guard_double_backward
-from . import cpu_flash
+from . import cpu_flash, lowrank_concat
 
 _NEG_INF = float("-inf")
 
@@ -285,5 +285,10 @@ class BlockedAttentionFunction(torch.autograd.Function):
 
 
 def blocked_attention(p) -> tuple[Tensor, Tensor]:
-    """Run an ``AttentionProblem`` through the blocked autograd function."""
+    """Run an ``AttentionProblem`` through the blocked autograd function (a low-rank prior on CPU as one
+    unbiased call over concatenated operands, see lowrank_concat.py)."""
+    if lowrank_concat.applies(p):
+        p2, dv = lowrank_concat.as_unbiased(p)
+        out, lse = apply_attention_function(BlockedAttentionFunction, p2, 2**62)
+        return (out if out.shape[-1] == dv else out[..., :dv].contiguous()), lse
     return apply_attention_function(BlockedAttentionFunction, p, 2**62)
