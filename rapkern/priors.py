@@ -77,14 +77,21 @@ def _check_values(name: str, t: Tensor, allow_neginf: bool = False) -> None:
 
     Reads the tensor once (a host sync on CUDA); under torch.compile it becomes an in-graph assert.
     """
-    if t.device.type == "meta":  # shapes only (fake/meta dispatch): no values to check
+    if t.device.type == "meta" or t.numel() == 0:  # shapes only (fake/meta dispatch): no values to check
         return
-    bad = torch.isnan(t) | torch.isposinf(t) if allow_neginf else ~torch.isfinite(t)
+    # One reduction pass with no temporaries (isfinite() costs ~20x more): max/min propagate NaN.
+    if allow_neginf:
+        hi = t.amax()
+        ok = ~(torch.isnan(hi) | torch.isposinf(hi))
+    else:
+        lo, hi = torch.aminmax(t)
+        ok = torch.isfinite(lo) & torch.isfinite(hi)
     what = "NaN or +inf" if allow_neginf else "non-finite values (NaN or ±inf)"
     msg = f"{name} must not contain {what}" + ("" if allow_neginf else _NONFINITE_HINT)
     if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), msg)
-    elif bool(bad.any()):
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        bad = torch.isnan(t) | torch.isposinf(t) if allow_neginf else ~torch.isfinite(t)
         raise ValueError(msg + f"; got {int(bad.sum())} such entries")
 
 

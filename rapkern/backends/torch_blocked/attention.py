@@ -57,7 +57,7 @@ class TilePlan:
     def use_fused_blocks(self) -> None:
         """Before running the fused CPU kernel: when no tile is materialized, take bigger blocks."""
         if cpu_flash.mask_is_view(self):
-            rows = int(os.environ.get("RAPKERN_TORCH_FUSED_ROWS", "1024"))
+            rows = cpu_flash.fused_rows(self, int(os.environ.get("RAPKERN_TORCH_FUSED_ROWS", "1024")))
             self.bq = max(1, min(rows, self.lq))
 
     def _block_rows(self) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ...priors import DensePrior, RelativeLagPrior
+from ...priors import BandedPrior, DensePrior, RelativeLagPrior, lead4
 
 _NEG_INF = float("-inf")
 _FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -43,10 +43,24 @@ def usable(plan) -> bool:
     )
 
 
+def _band_masked(prior) -> bool:
+    return isinstance(prior, BandedPrior) and prior.mask_outside
+
+
 def mask_is_view(plan) -> bool:
-    """True when every block's mask is a strided view (lag or no prior, no key padding): nothing of
-    size bq x nk is materialized, so blocks can be large."""
-    return (plan.prior is None or isinstance(plan.prior, RelativeLagPrior)) and plan.kpm5 is None
+    """True when every block's mask is a strided view (lag, masked band or no prior; no key padding):
+    nothing of size bq x nk is materialized, so blocks can be large."""
+    lag_like = plan.prior is None or isinstance(plan.prior, RelativeLagPrior)
+    return (lag_like or _band_masked(plan.prior)) and plan.kpm5 is None
+
+
+def fused_rows(plan, cap: int) -> int:
+    """Query rows per fused call. A masked band of half-width w reads bq + 2w keys per block for 2w + 1
+    useful ones, so its blocks stay near w/2 rows (~1.25x the band's work; per-call cost is small
+    against a block's work). Everything else takes ``cap`` rows."""
+    if _band_masked(plan.prior):
+        return min(cap, max(32, plan.prior.half_width // 2 // 16 * 16))
+    return cap
 
 
 def backward_usable(plan, need_prior_or_alpha: bool) -> bool:
@@ -91,6 +105,7 @@ class _Frame:
             kb = torch.zeros(plan.b, 1, 1, plan.lk, dtype=plan.cdt, device=plan.device)
             kb.masked_fill_(plan.kpm5.reshape(plan.b, 1, 1, plan.lk), _NEG_INF)
             self.kpm_bias = kb.flip(-1) if self.reversed else kb
+        self._band_buf = None  # see _band_view
         self.alpha_h = None  # (Hq, 1) for the lag vector
         if self.reversed and plan.prior is not None:
             a = plan.alpha5.reshape(-1, 1) if plan.alpha5 is not None else plan.alpha
@@ -102,11 +117,37 @@ class _Frame:
 
     def mask(self, i0, i1, j0, j1) -> Tensor | None:
         p = self.plan
-        tile = self._lag_view(i0, i1, j0, j1) if self.reversed else p.bias_tile(i0, i1, j0, j1)
+        if self.reversed:
+            tile = self._lag_view(i0, i1, j0, j1)
+        elif _band_masked(p.prior):
+            tile = self._band_view(i0, i1, j0, j1)
+        else:
+            tile = p.bias_tile(i0, i1, j0, j1)
         if self.kpm_bias is not None:
             kb = self.kpm_bias[..., self.keys(j0, j1)]
             tile = kb if tile is None else tile + kb
         return None if tile is None else _unit_last(tile)
+
+    def _band_view(self, i0, i1, j0, j1) -> Tensor:
+        """A masked band's tile as a strided view: row r of a (bq, S) buffer holds α·values[i0 + r] between
+        P = bq - 1 columns of -inf on each side; reading it with row stride S - 1 shifts row r left by r,
+        so column c lands on offset j - i of key j = j0 + c. Causal masking fills the offsets > 0.
+        The buffer is allocated once per call (its -inf margins are never written) and reused."""
+        p = self.plan
+        w, bq, nk = p.prior.half_width, i1 - i0, j1 - j0
+        vals = lead4(p.prior.values, 2)[..., i0:i1, :]
+        alpha = p.alpha5.reshape(1, -1, 1, 1) if p.alpha5 is not None else p.alpha
+        bp, hp = vals.shape[0], max(vals.shape[1], p.hq if p.alpha5 is not None else 1)
+        pad = p.bq - 1  # >= bq - 1 for every block
+        width = 2 * w + 1 + 2 * pad
+        if self._band_buf is None:
+            self._band_buf = torch.full((bp, hp, p.bq, width), _NEG_INF, dtype=p.cdt, device=p.device)
+        buf = self._band_buf
+        torch.mul(vals, alpha, out=buf[:, :, :bq, pad : pad + 2 * w + 1])
+        if p.causal:
+            buf[:, :, :bq, pad + w + 1 : pad + 2 * w + 1] = _NEG_INF
+        start = pad + w + j0 - i0  # column of row 0 for key j0; in [0, width) since j0 >= i0 - w
+        return buf.as_strided((bp, hp, bq, nk), (hp * p.bq * width, p.bq * width, width - 1, 1), start)
 
     def _lag_view(self, i0, i1, j0, j1) -> Tensor | None:
         """Reversed column c' is key j1-1-c', so lag = (i0 - j1 + 1) + r + c': a Hankel view."""
