@@ -144,3 +144,21 @@ def test_nonfinite_prior_rejected_under_compile():
     table[0, 1] = float("nan")
     with pytest.raises(RuntimeError, match="RelativeLagPrior.table must not contain non-finite"):
         cf(q, k, v, table)
+
+
+def test_compile_fullgraph_self_attention_same_tensor():
+    """attention(x, x, x) (one tensor three times) traces with fullgraph=True; gradients add up on x."""
+    x = torch.randn(1, 2, 8, 8, requires_grad=True)
+    table = torch.randn(2, 5, requires_grad=True)
+
+    def f(x, t):
+        return rapkern.attention(x, x, x, prior=RelativeLagPrior(t), causal=True, backend="torch")
+
+    out = torch.compile(f, fullgraph=True, backend="eager")(x, table)
+    gx, gt = torch.autograd.grad(out.square().sum(), (x, table))
+    x64, t64 = x.detach().double().requires_grad_(), table.detach().double().requires_grad_()
+    ref = reference_attention(x64, x64, x64, prior=RelativeLagPrior(t64), causal=True)
+    rx, rt = torch.autograd.grad(ref.square().sum(), (x64, t64))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), rx, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gt.double(), rt, rtol=1e-4, atol=1e-5)

@@ -25,7 +25,14 @@ def apply_attention_function(fn, p: AttentionProblem, seed_max: int):
         "seed": seed,
     }
     prior_tensors = () if p.prior is None else p.prior.tensors()
-    return fn.apply(cfg, p.q, p.k, p.v, alpha_t, p.key_padding_mask, *prior_tensors)
+    # Self-attention as attention(x, x, x): torch.compile cannot trace an autograd.Function given the same
+    # tensor twice, so aliases become views (free; gradients still add up on x).
+    q, k, v = p.q, p.k, p.v
+    if k is q:
+        k = k.view_as(k)
+    if v is q or v is p.k:
+        v = v.view_as(v)
+    return fn.apply(cfg, q, k, v, alpha_t, p.key_padding_mask, *prior_tensors)
 
 
 def alpha_grad(alpha_t, dalpha, heads: int, needed: bool):
