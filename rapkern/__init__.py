@@ -7,12 +7,16 @@ from . import backends as _backends  # noqa: F401  (registers the backends)
 from . import testing  # noqa: F401
 from .functional import attention, lda_route
 from .priors import BandedPrior, DensePrior, LowRankPrior, RelativeLagPrior
+from .stats import AttentionStats, attention_kl, attention_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention",
     "lda_route",
+    "attention_stats",
+    "attention_kl",
+    "AttentionStats",
     "RelativeLagPrior",
     "BandedPrior",
     "LowRankPrior",

@@ -122,12 +122,13 @@ class Backend:
         return ["attention_stats is not implemented by this backend"]
 
     def attention_stats(self, p):
-        """Return ``(entropy (B, Hq, Lq), key_mass (B, Hq, Lk))``, float32, differentiable."""
+        """Return ``(entropy (B, Hq, Lq), key_mass (B, Hq, Lk))`` in ``p.out_dtype``, differentiable."""
         raise NotImplementedError
 
     def kl_reasons(self, p) -> list[str]:
         return ["attention_kl is not implemented by this backend"]
 
     def attention_kl(self, p):
-        """Return the per-row KL(teacher || student) ``(B, H, Lq)`` float32, differentiable w.r.t. the student."""
+        """Return the per-row KL(teacher || student) ``(B, H, Lq)`` in ``p.out_dtype``, differentiable w.r.t. the
+        student; the public function applies the reduction."""
         raise NotImplementedError

@@ -39,3 +39,26 @@ class ReferenceBackend(Backend):
         if p.top_k is None:
             return out, w, None
         return out, w[0], w[1]
+
+    def stats_reasons(self, p):
+        return []
+
+    def attention_stats(self, p):
+        from ..testing import reference_attention_stats
+
+        st = reference_attention_stats(p.q, p.k, prior=p.prior, alpha=p.alpha, causal=p.causal,
+                                       key_padding_mask=p.key_padding_mask, scale=p.scale)
+        return st.entropy.to(p.out_dtype), st.key_mass.to(p.out_dtype)
+
+    def kl_reasons(self, p):
+        return []
+
+    def attention_kl(self, p):
+        from ..testing import reference_attention_kl
+
+        t, s = p.teacher, p.student
+        return reference_attention_kl(
+            t.q, t.k, s.q, s.k, prior_t=t.prior, prior_s=s.prior, alpha_t=t.alpha, alpha_s=s.alpha,
+            causal=s.causal, key_padding_mask=s.key_padding_mask, temperature=p.temperature, reduction="none",
+            scale_t=t.scale, scale_s=s.scale,
+        ).to(p.out_dtype)
