@@ -18,6 +18,8 @@ Public SDPA routes other layouts to its math path; we copy the offending operand
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -88,12 +90,35 @@ def dead_rows(plan) -> Tensor:
     return (count == 0).unsqueeze(1)
 
 
+def _lag_tile_is_small(plan) -> bool:
+    """Whether building a lag prior's tiles outright costs less than the reversed frame's copies of k and
+    v (and stays small): short windows, where the tile is (Hp, Lq, Lk) with no batch dim."""
+    hp = plan.prior.lead_shape()[0] * plan.prior.lead_shape()[1]
+    cap = int(os.environ.get("RAPKERN_TORCH_LAG_TILE_ELEMS", str(1 << 22)))
+    return hp * plan.lq * plan.lk <= min(2 * plan.b * plan.hkv * plan.lk * plan.d, cap)
+
+
+def may_have_dead_rows(plan) -> bool:
+    """Rows with no visible key need key padding or a masked band (top-left causal always leaves key 0)."""
+    return plan.kpm5 is not None or (plan.prior is not None and plan.prior.masks_outside)
+
+
 class _Frame:
-    """Keys in their own order, or reversed (for lag/causal tiles that are views)."""
+    """Keys in their own order, or reversed (for lag/causal tiles that are views).
+
+    The reversal costs a copy of k and v, so it is taken only where it saves more: a lag prior whose
+    tiles would be large, or causal masking over several query blocks. A single call covering every
+    query uses the op's own causal flag (top-left, like ours); short lag windows build their tiles.
+    """
 
     def __init__(self, plan):
         self.plan = plan
-        self.reversed = plan.prior is None or isinstance(plan.prior, RelativeLagPrior)
+        single = plan.bq >= plan.lq
+        if isinstance(plan.prior, RelativeLagPrior):
+            self.reversed = not _lag_tile_is_small(plan)
+        else:
+            self.reversed = plan.prior is None and plan.causal and not single
+        self.op_causal = plan.causal and plan.prior is None and single
         k = plan.kc.squeeze(2)
         v = plan.vc.squeeze(2)
         # flip() copies but keeps the input's strides, so the stride fix comes after it
@@ -121,6 +146,8 @@ class _Frame:
             tile = self._lag_view(i0, i1, j0, j1)
         elif _band_masked(p.prior):
             tile = self._band_view(i0, i1, j0, j1)
+        elif p.prior is None:
+            tile = None  # not causal, or causal through the op's flag (op_causal)
         else:
             tile = p.bias_tile(i0, i1, j0, j1)
         if self.kpm_bias is not None:
@@ -170,25 +197,37 @@ class _Frame:
         return view if view.dim() == 4 else view.unsqueeze(0)
 
 
+def _live_blocks(plan):
+    blocks = [blk for blk in plan.blocks() if blk[3] > blk[2]]
+    whole = len(blocks) == 1 and blocks[0] == (0, plan.lq, 0, plan.lk)
+    return blocks, whole
+
+
 def forward(plan) -> tuple[Tensor, Tensor]:
     p = plan
     fr = _Frame(p)
-    out = torch.zeros(p.b, p.hq, p.lq, p.dv, dtype=p.qg.dtype, device=p.device)
-    lse = torch.full((p.b, p.hq, p.lq), _NEG_INF, dtype=p.cdt, device=p.device)
     q = fr.q
-    for i0, i1, j0, j1 in p.blocks():
-        if j1 <= j0:
-            continue
+    blocks, whole = _live_blocks(p)
+    if not whole:  # rows of blocks with no visible key keep output 0 and lse -inf
+        out = torch.zeros(p.b, p.hq, p.lq, p.dv, dtype=p.qg.dtype, device=p.device)
+        lse = torch.full((p.b, p.hq, p.lq), _NEG_INF, dtype=p.cdt, device=p.device)
+    for i0, i1, j0, j1 in blocks:
         ks = fr.keys(j0, j1)
         mask = fr.mask(i0, i1, j0, j1)
-        o, l = _FWD(q[:, :, i0:i1].to(p.cdt), fr.k[:, :, ks], fr.v[:, :, ks], 0.0, False, attn_mask=mask, scale=p.scale)
+        o, l = _FWD(q[:, :, i0:i1].to(p.cdt), fr.k[:, :, ks], fr.v[:, :, ks], 0.0, fr.op_causal,
+                    attn_mask=mask, scale=p.scale)
         if isinstance(p.prior, DensePrior):  # a user's -inf entries can empty a row: find it exactly
             l = l.masked_fill((mask == _NEG_INF).all(-1), _NEG_INF)
-        out[:, :, i0:i1] = o.to(out.dtype)
-        lse[:, :, i0:i1] = l.to(p.cdt)
-    dead = dead_rows(p)
-    lse.masked_fill_(dead, _NEG_INF)
-    out.masked_fill_(dead.unsqueeze(-1), 0.0)
+        if whole:  # one call covers everything: its results are ours (no fill, no copy)
+            out, lse = o.to(p.qg.dtype), l.to(p.cdt)
+        else:
+            out[:, :, i0:i1] = o.to(out.dtype)
+            lse[:, :, i0:i1] = l.to(p.cdt)
+    if may_have_dead_rows(p):
+        dead = dead_rows(p)
+        if bool(dead.any()):
+            lse = lse.masked_fill(dead, _NEG_INF)
+            out = out.masked_fill(dead.unsqueeze(-1), 0.0)
     return out, lse
 
 
@@ -199,23 +238,30 @@ def backward(plan, out: Tensor, lse: Tensor, dout: Tensor):
     q = fr.q
     out, dout = _unit_last(out), _unit_last(dout)
     lse_op = lse.masked_fill(lse == _NEG_INF, 0.0).to(p.cdt)  # dead rows: mask is all -inf -> p = 0
-    dq = torch.zeros(p.b, p.hq, p.lq, p.d, dtype=p.cdt, device=p.device)
-    dk = torch.zeros(p.b, p.hkv, p.lk, p.d, dtype=p.cdt, device=p.device)
-    dv = torch.zeros(p.b, p.hkv, p.lk, p.dv, dtype=p.cdt, device=p.device)
-    dead = dead_rows(p)
-    for i0, i1, j0, j1 in p.blocks():
-        if j1 <= j0:
-            continue
+    dead = dead_rows(p) if may_have_dead_rows(p) else None
+    if dead is not None and not bool(dead.any()):
+        dead = None
+    blocks, whole = _live_blocks(p)
+    if not whole:
+        dq = torch.zeros(p.b, p.hq, p.lq, p.d, dtype=p.cdt, device=p.device)
+        dk = torch.zeros(p.b, p.hkv, p.lk, p.d, dtype=p.cdt, device=p.device)
+        dv = torch.zeros(p.b, p.hkv, p.lk, p.dv, dtype=p.cdt, device=p.device)
+    for i0, i1, j0, j1 in blocks:
         ks = fr.keys(j0, j1)
-        do = dout[:, :, i0:i1].to(p.cdt).masked_fill(dead[..., i0:i1, None], 0.0)
+        do = dout[:, :, i0:i1].to(p.cdt)
+        if dead is not None:
+            do = do.masked_fill(dead[..., i0:i1, None], 0.0)
         gq, gk, gv = _BWD(
             do, q[:, :, i0:i1].to(p.cdt), fr.k[:, :, ks], fr.v[:, :, ks], out[:, :, i0:i1].to(p.cdt),
-            lse_op[:, :, i0:i1], 0.0, False,
+            lse_op[:, :, i0:i1], 0.0, fr.op_causal,
             attn_mask=fr.mask(i0, i1, j0, j1), scale=p.scale,
         )
-        dq[:, :, i0:i1] = gq
-        dk[:, :, ks] += gk
-        dv[:, :, ks] += gv
+        if whole:
+            dq, dk, dv = gq, gk, gv
+        else:
+            dq[:, :, i0:i1] = gq
+            dk[:, :, ks] += gk
+            dv[:, :, ks] += gv
     if fr.reversed:
         dk, dv = dk.flip(2), dv.flip(2)
     return dq, dk, dv

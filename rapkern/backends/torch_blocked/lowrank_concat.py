@@ -40,7 +40,7 @@ def as_unbiased(p):
     u4, v4 = lead4(p.prior.u, 2), lead4(p.prior.v, 2)
     r = u4.shape[-1]
     alpha = p.alpha.reshape(1, -1, 1, 1) if isinstance(p.alpha, torch.Tensor) else p.alpha
-    au = (u4.to(p.dtype) * alpha).expand(b, hq, lq, r)
+    au = (u4 * alpha).to(p.dtype).expand(b, hq, lq, r)  # a float64 alpha or factor must not promote q
     q2 = torch.cat([p.q * p.scale, au], dim=-1)
 
     k, v = p.k, p.v
