@@ -87,6 +87,12 @@ for spec in lag_fwd:40 lag_fwdbwd:45 band32k:55 routing:40 other_priors:100; do
   [ $rc -ne 0 ] && say "section $sec exit $rc (124 = hard timeout; its rows so far are kept)"
 done
 
+# The Hugging Face row: a randomly initialized BERT of MiniLM's config (the weights do not travel here).
+if [ $(( $(date +%s) - T0 )) -lt 420 ]; then
+  timeout -k 10 150 "$PY" -m bench.transformers_bench --device cuda --weights random --out "$(mktemp -d)" >>"$LOG" 2>&1 \
+    || say "transformers bench failed (see log.txt)"
+fi
+
 # 4. Plots and summary, printed last.
 "$PY" -m bench.gpu_check --out "$OUT" --finish >/dev/null 2>>"$LOG" || say "summary failed"
 say "done in $(($(date +%s) - T0)) s; files: $(cd "$OUT" && ls | tr '\n' ' ')"
