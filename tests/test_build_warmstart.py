@@ -143,3 +143,39 @@ def test_bad_inputs(setup):
     with pytest.raises(ValueError, match="gain must be a positive number"):
         warm_start_qk(mha, _prior(), 2, X, gain=0)
     assert torch.equal(mha.in_proj_weight, W0)  # a refused call changes nothing
+
+
+@pytest.mark.parametrize("family", ["bert", "llama-gqa"])
+def test_hugging_face_attention_layers(family):
+    """BERT's query/key and Llama's q_proj/k_proj (4 query heads on 2 key heads): the initial logits the layer
+    computes from its own projections follow the prior on held-out windows, far above the random start."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "bert":
+        cfg = transformers.BertConfig(hidden_size=E, num_attention_heads=H, num_hidden_layers=1,
+                                      intermediate_size=64, vocab_size=50)
+        layer = transformers.BertModel(cfg).encoder.layer[0].attention.self
+        heads = None
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=E, num_attention_heads=H, num_key_value_heads=2,
+                                       num_hidden_layers=1, intermediate_size=64, vocab_size=50)
+        layer = transformers.LlamaModel(cfg).layers[0].self_attn
+        heads = [0, 1]  # one key head: both query heads share its rows and the prior
+    pos = 2.0 * torch.randn(L, E)
+    before = qk_prior_correlation(layer, _prior(), _windows(100, pos, 21), heads=heads)
+    warm_start_qk(layer, _prior(), 4, _windows(400, pos, 20), heads=heads, gain=GAIN)
+    after = qk_prior_correlation(layer, _prior(), _windows(100, pos, 21), heads=heads)
+    assert max(abs(c) for c in before) < 0.3 and min(after) > 0.7
+    # the logits the layer itself computes (its own q/k linears and scaling) carry the prior
+    x = _windows(50, pos, 22)
+    proj_q, proj_k = (layer.query, layer.key) if family == "bert" else (layer.q_proj, layer.k_proj)
+    D = E // H
+    with torch.no_grad():
+        logits = layer.scaling * proj_q(x)[..., :D] @ proj_k(x)[..., :D].transpose(1, 2)  # head 0, key head 0
+    m = _prior() - _prior().mean()
+    z = logits - logits.mean((1, 2), keepdim=True)
+    corr = float(((z * m).sum((1, 2)) / (z.norm(dim=(1, 2)) * m.norm())).mean())
+    assert corr > 0.7
+    if family != "bert":
+        with pytest.raises(ValueError, match="share a key head"):
+            warm_start_qk(layer, torch.stack([_prior(), _prior(1)]), 4, _windows(50, pos, 20), heads=[0, 1])
