@@ -36,21 +36,25 @@ def attention(
     return (out, lse) if return_lse else out
 
 
-def lda_route(q, centroids, answers, *, tau=0.1, top_k=None, normalize=True, return_weights=False, backend="auto"):
+def lda_route(q, centroids, answers, *, tau=0.1, top_k=None, normalize=True, cluster_mask=None,
+              return_weights=False, backend="auto"):
     """LDA routing softmax: ``w = softmax(cos(q, c_i)/τ)``, ``out = Σ_i w_i a_i``.
 
-    q ``(N, d)`` or ``(G, N, d)``; centroids ``(n, d)``/``(G, n, d)``; answers ``(n, e)``/``(G, n, e)``.
+    q ``(N, d)`` or ``(G, N, d)``; centroids ``(n, d)``/``(G, n, d)``; answers ``(n, e)``/``(G, n, e)``; a 2-D
+    table with 3-D q is shared by every group. ``tau``: a float, or a 0-d tensor that receives a gradient
+    (a learnable temperature). ``cluster_mask``: bool ``(n,)`` or ``(G, n)``, True = absent (weight 0).
     ``top_k``: softmax over the k largest scores only (ties to the lower index). ``return_weights``
     also returns the dense weights ``(…, N, n)``, or with top_k ``(weights (…, N, k), indices (…, N, k))``.
     """
-    p = check_route(q, centroids, answers, tau=tau, top_k=top_k, normalize=normalize)
+    p = check_route(q, centroids, answers, tau=tau, top_k=top_k, normalize=normalize, cluster_mask=cluster_mask)
     if not isinstance(return_weights, bool):
         raise TypeError(f"return_weights must be a bool, got {type(return_weights).__name__}")
     out, w, idx = dispatch.choose("lda_route", p, backend).route(p, return_weights)
-    if p.squeeze_group:
-        out = out.squeeze(0)
-        w = None if w is None else w.squeeze(0)
-        idx = None if idx is None else idx.squeeze(0)
+
+    def shape(t):  # (G', N', ·) -> (*lead, N, ·): undoes the folding of a shared table's query batch
+        return None if t is None else t.reshape(*p.lead, -1, t.shape[-1])
+
+    out, w, idx = shape(out), shape(w), shape(idx)
     if not return_weights:
         return out
     return (out, w) if p.top_k is None else (out, (w, idx))

@@ -86,13 +86,16 @@ class AttentionProblem:
 
 @dataclass
 class RouteProblem:
-    q: Tensor  # (G, N, d) after normalization of rank
+    q: Tensor  # (G, N, d); a shared 2-D table over a query batch is folded into one group (see ``lead``)
     centroids: Tensor  # (G, n, d)
     answers: Tensor  # (G, n, e)
-    tau: float
+    tau: float | Tensor  # a float, or the 0-d tensor itself when its gradient is needed
     top_k: int | None
     normalize: bool
-    squeeze_group: bool  # the caller passed 2-D tensors
+    squeeze_group: bool  # the outputs carry no group dim (``lead == ()``)
+    cluster_mask: Tensor | None = None  # bool (G, n), True = absent cluster
+    lead: tuple = ()  # leading dims of the outputs: out.reshape(*lead, -1, e)
+    tau_value: float = 0.0  # tau as a Python float (for kernels and checks)
 
     @property
     def device(self) -> torch.device:
@@ -102,10 +105,15 @@ class RouteProblem:
     def dtype(self) -> torch.dtype:
         return self.q.dtype
 
+    @property
+    def needs_tau_grad(self) -> bool:
+        return isinstance(self.tau, Tensor) and self.tau.requires_grad
+
     def describe(self) -> str:
+        mask = "" if self.cluster_mask is None else ", cluster_mask"
         return (
             f"q{tuple(self.q.shape)} centroids{tuple(self.centroids.shape)} answers{tuple(self.answers.shape)} "
-            f"{self.dtype} on {self.device}, top_k={self.top_k}"
+            f"{self.dtype} on {self.device}, top_k={self.top_k}{mask}"
         )
 
 
@@ -212,17 +220,39 @@ def _check_alpha(alpha, heads: int, device: torch.device) -> float | Tensor:
     return alpha
 
 
-def check_route(q, centroids, answers, *, tau, top_k, normalize) -> RouteProblem:
+def _check_tau(tau) -> tuple[float | Tensor, float]:
+    """(tau as a float, or the 0-d tensor when a gradient must reach it; its value as a float)."""
+    t = None
+    if isinstance(tau, Tensor):
+        if tau.numel() != 1:
+            raise ValueError(f"tau must be a scalar, got a tensor of shape {tuple(tau.shape)}")
+        if not tau.is_floating_point():
+            raise TypeError(f"tau must be a float or a floating tensor, got dtype {tau.dtype}")
+        t, tau = tau, tau.detach().reshape(()).item()  # one host sync: the value is checked up front
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise TypeError(f"tau must be a float, got {type(tau).__name__}")
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    keep = t is not None and t.requires_grad and torch.is_grad_enabled()
+    return (t.reshape(()) if keep else float(tau)), float(tau)
+
+
+def check_route(q, centroids, answers, *, tau, top_k, normalize, cluster_mask=None) -> RouteProblem:
     q, c, a = _tensor("q", q), _tensor("centroids", centroids), _tensor("answers", answers)
     if q.dim() not in (2, 3):
         raise ValueError(f"q must be (N, d) or (G, N, d), got shape {tuple(q.shape)}")
-    for name, t in (("centroids", c), ("answers", a)):
-        if t.dim() != q.dim():
-            want = "(n, ·)" if q.dim() == 2 else "(G, n, ·)"
-            raise ValueError(f"{name} must be {want} like q (rank {q.dim()}), got shape {tuple(t.shape)}")
+    shared = q.dim() == 3 and c.dim() == 2  # one (n, d) table for a batch of query sets
+    if shared:
+        if a.dim() != 2:
+            raise ValueError(f"answers must be (n, ·) like centroids (a shared table), got shape {tuple(a.shape)}")
+    else:
+        for name, t in (("centroids", c), ("answers", a)):
+            if t.dim() != q.dim():
+                want = "(n, ·)" if q.dim() == 2 else "(G, n, ·)"
+                raise ValueError(f"{name} must be {want} like q (rank {q.dim()}), got shape {tuple(t.shape)}")
     _same("centroids", c, q, "q")
     _same("answers", a, q, "q")
-    if q.dim() == 3 and not (c.shape[0] == a.shape[0] == q.shape[0]):
+    if q.dim() == 3 and not shared and not (c.shape[0] == a.shape[0] == q.shape[0]):
         raise ValueError(
             f"q, centroids and answers must share the group dim G: got {q.shape[0]}, {c.shape[0]}, {a.shape[0]}"
         )
@@ -234,14 +264,7 @@ def check_route(q, centroids, answers, *, tau, top_k, normalize) -> RouteProblem
     if n == 0:
         raise ValueError("centroids must hold at least one cluster, got n = 0")
 
-    if isinstance(tau, Tensor):
-        if tau.numel() != 1:
-            raise ValueError(f"tau must be a scalar, got a tensor of shape {tuple(tau.shape)}")
-        tau = tau.item()
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau must be a float, got {type(tau).__name__}")
-    if not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    tau, tau_value = _check_tau(tau)
 
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int):
@@ -251,7 +274,28 @@ def check_route(q, centroids, answers, *, tau, top_k, normalize) -> RouteProblem
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
 
-    squeeze = q.dim() == 2
-    if squeeze:
+    g = q.shape[0] if q.dim() == 3 else None
+    if cluster_mask is not None:
+        if not isinstance(cluster_mask, Tensor):
+            raise TypeError(f"cluster_mask must be None or a bool tensor, got {type(cluster_mask).__name__}")
+        if cluster_mask.dtype != torch.bool:
+            raise TypeError(
+                f"cluster_mask must be a bool tensor (True = absent cluster), got dtype {cluster_mask.dtype}"
+            )
+        allowed = [(n,)] if g is None else [(n,), (g, n)]
+        if tuple(cluster_mask.shape) not in allowed:
+            want = " or ".join(str(s) for s in allowed)
+            raise ValueError(f"cluster_mask must have shape {want}, got {tuple(cluster_mask.shape)}")
+        if cluster_mask.device != q.device:
+            raise ValueError(f"cluster_mask must be on the same device as q ({q.device}), got {cluster_mask.device}")
+
+    lead = () if g is None else (g,)
+    if q.dim() == 2:
         q, c, a = q.unsqueeze(0), c.unsqueeze(0), a.unsqueeze(0)
-    return RouteProblem(q, c, a, float(tau), top_k, normalize, squeeze)
+    elif shared and (cluster_mask is None or cluster_mask.dim() == 1):
+        q, c, a = q.reshape(1, -1, q.shape[-1]), c.unsqueeze(0), a.unsqueeze(0)  # one group: G·N queries
+    elif shared:  # a per-group mask over one table: the table is broadcast (a view, no copy)
+        c, a = c.expand(g, *c.shape), a.expand(g, *a.shape)
+    if cluster_mask is not None:
+        cluster_mask = cluster_mask.reshape(-1, n).expand(q.shape[0], n)
+    return RouteProblem(q, c, a, tau, top_k, normalize, lead == (), cluster_mask, lead, tau_value)

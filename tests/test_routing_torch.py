@@ -34,19 +34,24 @@ def _floor(dtype, ref, n):
     return FLOOR[dtype] * max(1.0, float(ref.detach().abs().max())) * math.sqrt(n)
 
 
-def run_route(q, c, a, *, tau=0.1, top_k=None, normalize=True, return_weights=False, seed=0):
-    """Kernel vs float64 reference vs eager reference in the input dtype: output, weights and grads."""
+def run_route(q, c, a, *, tau=0.1, top_k=None, normalize=True, return_weights=False, cluster_mask=None, seed=0,
+              backend="torch"):
+    """Kernel vs float64 reference vs eager reference in the input dtype: output, weights and grads (and the
+    gradient of ``tau`` when it is a tensor that requires grad)."""
     dtype = q.dtype
+    tau_leaf = isinstance(tau, torch.Tensor) and tau.requires_grad
 
     def go(fn, dt, **extra):
         qq, cc, aa = (x.detach().to(dt).requires_grad_() for x in (q, c, a))
-        res = fn(qq, cc, aa, tau=tau, top_k=top_k, normalize=normalize, return_weights=return_weights, **extra)
+        tt = tau.detach().to(torch.float64 if dt == torch.float64 else tau.dtype).requires_grad_() if tau_leaf else tau
+        res = fn(qq, cc, aa, tau=tt, top_k=top_k, normalize=normalize, return_weights=return_weights,
+                 cluster_mask=cluster_mask, **extra)
         out = res[0] if return_weights else res
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-        grads = torch.autograd.grad(out, (qq, cc, aa), g.to(out.dtype))
+        grads = torch.autograd.grad(out, (qq, cc, aa, tt) if tau_leaf else (qq, cc, aa), g.to(out.dtype))
         return res, grads
 
-    got, gg = go(rapkern.lda_route, dtype, backend="torch")
+    got, gg = go(rapkern.lda_route, dtype, backend=backend)
     ref, gr = go(reference_lda_route, torch.float64)
     low, gl = go(reference_lda_route, dtype, compute_dtype=dtype)
     n_red = max(q.shape[-2], c.shape[-2])
@@ -65,6 +70,10 @@ def run_route(q, c, a, *, tau=0.1, top_k=None, normalize=True, return_weights=Fa
     for name, x, r, lo in zip(("dq", "dcentroids", "danswers"), gg, gr, gl):
         assert x.dtype == dtype
         assert_close_to_reference(name, x, r, lo, _floor(dtype, r, n_red))
+    if tau_leaf:
+        x, r, lo = gg[3], gr[3], gl[3]
+        assert x.dtype == tau.dtype and x.shape == tau.shape
+        assert_close_to_reference("dtau", x, r, lo, _floor(dtype, r, q.shape[-2] * c.shape[-2]))
     return got, gg
 
 
@@ -251,29 +260,28 @@ def _mutant_tau(monkeypatch):
 
 
 def _mutant_topk_ties_to_higher(monkeypatch):
-    """k-th index pushed to the last cluster: every score equal to the k-th value is kept."""
+    """Equal scores go to the higher index."""
     from rapkern.backends.torch_blocked import routing as R
 
-    orig = R._Plan.find_kth
+    orig = R.stable_topk
 
-    def find_kth(self):
-        orig(self)
-        if self.kth is not None:
-            self.kth = (self.kth[0], torch.full_like(self.kth[1], self.n - 1))
+    def stable_topk(s, k):
+        v, pos = orig(s.flip(-1), k)
+        return v, s.shape[-1] - 1 - pos
 
-    monkeypatch.setattr(R._Plan, "find_kth", find_kth)
+    monkeypatch.setattr(R, "stable_topk", stable_topk)
 
 
 def _mutant_danswers(monkeypatch):
     from rapkern.backends.torch_blocked import routing as R
 
-    orig = R.BlockedRouteFunction.backward
+    orig = R.TopkRouteFunction.backward
 
     def backward(ctx, dout):
-        *rest, da = orig(ctx, dout)
-        return (*rest, da * 1.0005)
+        k, dq, dc, da, bias = orig(ctx, dout)
+        return k, dq, dc, da * 1.0005, bias
 
-    monkeypatch.setattr(R.BlockedRouteFunction, "backward", staticmethod(backward))
+    monkeypatch.setattr(R.TopkRouteFunction, "backward", staticmethod(backward))
 
 
 @pytest.mark.parametrize("mutant", [_mutant_tau, _mutant_topk_ties_to_higher, _mutant_danswers],
@@ -282,7 +290,7 @@ def test_checks_detect_a_wrong_route_kernel(mutant, monkeypatch):
     q, base, c = _tie_case(n_q=20)
     q, c = q.float().requires_grad_(), c.float().requires_grad_()
     a = _rand(9, 3, dtype=torch.float32, seed=1)
-    kw = dict(tau=2.0, top_k=2, normalize=False)
+    kw = dict(tau=2.0, top_k=4, normalize=False)  # 3 tied copies of the best and one of the next: scale matters
     run_route(q, c, a, **kw)
     mutant(monkeypatch)
     with pytest.raises(AssertionError):

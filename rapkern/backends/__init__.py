@@ -6,7 +6,9 @@ from .. import dispatch
 from .reference import ReferenceBackend
 from .torch_blocked import TorchBackend
 from .triton_attention import TritonBackend
+from .triton_routing import TritonRoutingBackend
 
 dispatch.register(TorchBackend(), priority=0)
 dispatch.register(TritonBackend(), priority=0)
+dispatch.register(TritonRoutingBackend(), priority=0)
 dispatch.register(ReferenceBackend(), priority=99)

@@ -32,7 +32,7 @@ class ReferenceBackend(Backend):
         from ..testing import reference_lda_route
 
         args = (p.q, p.centroids, p.answers)
-        kw = dict(tau=p.tau, top_k=p.top_k, normalize=p.normalize)
+        kw = dict(tau=p.tau, top_k=p.top_k, normalize=p.normalize, cluster_mask=p.cluster_mask)
         if not return_weights:
             return reference_lda_route(*args, **kw), None, None
         out, w = reference_lda_route(*args, **kw, return_weights=True)

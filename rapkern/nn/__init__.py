@@ -3,6 +3,7 @@
 from .attention import BiasedMultiheadAttention
 from .gate import Gate
 from .priors import BandPrior, FactorPrior, FixedPrior, LagPrior, PriorModule
+from .routing import HierarchicalRouter, LDARouter
 from .swap import swap_attention
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "FactorPrior",
     "FixedPrior",
     "Gate",
+    "LDARouter",
+    "HierarchicalRouter",
 ]

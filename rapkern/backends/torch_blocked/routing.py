@@ -36,7 +36,7 @@ def unit_rows(x: Tensor) -> Tensor:
 def _tiles(g: int, n_q: int, n: int, esize: int) -> tuple[int, int]:
     """(query rows, clusters) per score tile: the tile stays near RAPKERN_TORCH_TILE_MB (cache-sized on
     CPU, where a small tile is reused from L2 by the softmax and the second matmul)."""
-    mb = os.environ.get("RAPKERN_TORCH_TILE_MB", "4")
+    mb = os.environ.get("RAPKERN_TORCH_TILE_MB", "16")
     budget = int(float(mb) * 2**20)
     bc = max(1, min(n, int(os.environ.get("RAPKERN_ROUTE_CLUSTER_BLOCK", "16384"))))
     bq = max(1, min(n_q, max(16, budget // max(g * bc * esize, 1))))

@@ -40,6 +40,13 @@ except Exception as e:  # pragma: no cover - depends on the machine
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
     triton_attention = None
 
+_STATS_IMPORT_ERROR: str | None = None
+try:  # attention_stats / attention_kl kernels (stats.py)
+    from . import stats as _stats
+except Exception as e:  # pragma: no cover - depends on the machine
+    _STATS_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+    _stats = None
+
 MAX_HEAD_DIM = 256
 MAX_RANK = 128
 MAX_LAG_GRAD_ENTRIES = 16385  # scratch grows as B·Hq·Lk·(4W/32 + 6) floats
@@ -93,3 +100,20 @@ class TritonBackend(Backend):
 
     def attention(self, p):
         return triton_attention(p)
+
+    # attention_stats / attention_kl: kernels and limits in stats.py
+    def stats_reasons(self, p):
+        if _stats is None:
+            return [f"triton statistics kernels not importable: {_STATS_IMPORT_ERROR}"]
+        return _stats.stats_reasons(p)
+
+    def attention_stats(self, p):
+        return _stats.triton_stats(p)
+
+    def kl_reasons(self, p):
+        if _stats is None:
+            return [f"triton statistics kernels not importable: {_STATS_IMPORT_ERROR}"]
+        return _stats.kl_reasons(p)
+
+    def attention_kl(self, p):
+        return _stats.triton_kl(p)
