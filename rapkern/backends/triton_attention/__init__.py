@@ -52,6 +52,12 @@ MAX_RANK = 128
 MAX_LAG_GRAD_ENTRIES = 16385  # scratch grows as B·Hq·Lk·(4W/32 + 6) floats
 
 
+def _routing():
+    from .. import dispatch
+
+    return dispatch.get("triton_routing")
+
+
 class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda", "cpu")
@@ -100,6 +106,13 @@ class TritonBackend(Backend):
 
     def attention(self, p):
         return triton_attention(p)
+
+    # lda_route: backend="triton" serves it through the routing kernels (rapkern/backends/triton_routing/)
+    def route_reasons(self, p):
+        return _routing().route_reasons(p)
+
+    def route(self, p, return_weights=False):
+        return _routing().route(p, return_weights)
 
     # attention_stats / attention_kl: kernels and limits in stats.py
     def stats_reasons(self, p):
