@@ -352,3 +352,19 @@ def test_cpu_needs_interpreter_and_auto_skips_triton(monkeypatch):
     qb = q.bfloat16()
     pb = check_stats(qb, qb, prior=None, alpha=1.0, causal=False, key_padding_mask=None, scale=None)
     assert any("bfloat16" in r for r in be.stats_reasons(pb))
+
+
+def test_cuda_launches_without_a_verified_config_are_declined():
+    """On CUDA a launch is served only with a spill-free config from stats.CONFIGS (checked ahead of time in
+    test_triton_stats_compile.py); a missing one is a reason, so "auto" falls back to the torch backend."""
+    from rapkern.backends.triton_attention import stats as S
+
+    cuda = torch.device("cuda")
+    assert S._config_reasons(cuda, ("fwd", "mass", "dq", "dk"), 64, False, "lowrank") == []
+    assert S._config_reasons(cuda, ("klfwd", "dq", "dk"), 40, True, "dense") == []
+    why = S._config_reasons(cuda, ("fwd", "mass", "dq", "dk"), 256, False, "lowrank")
+    assert why == ["no spill-free config of the dq, dk kernel(s) for head dim 256 with 16-bit inputs and a "
+                   "'lowrank' prior"]
+    assert S._config_reasons(cuda, ("klfwd", "dq", "dk"), 65, True, "none")[0].startswith(
+        "no spill-free config of the klfwd, dq, dk kernel(s) for head dim 65 with fp32 inputs")
+    assert S._config_reasons(torch.device("cpu"), ("dq",), 256, False, "lowrank") == []  # the interpreter's tiles

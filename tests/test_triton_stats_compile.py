@@ -1,11 +1,11 @@
 """Ahead-of-time compilation of the statistics / KL kernels for sm_80 and sm_90 (no GPU needed).
 
-Every entry of ``stats.CONFIGS`` (kernel x dtype class x head-dim bucket; the same blocks on both
-architectures) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for
-sm_80 and sm_90 and for every prior kind, with causal masking, key padding and every gradient switch on (the
-most live state; the other constexpr switches only remove state). KL launches are compiled for each student
-prior kind against the same teacher kind and against a low-rank teacher (the heaviest teacher tile), in the
-KL forward and in both backward kernels. Plus one bf16 compile per kernel and architecture.
+Every entry of ``stats.CONFIGS`` (kernel x dtype class x head-dim bucket x prior kind; the same blocks on
+both architectures) is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for
+sm_80 and sm_90, with causal masking, key padding and every gradient switch on (the most live state; the
+other constexpr switches only remove state). The KL forward and both backward kernels are compiled for the
+statistics (backward only) and for the KL against the same teacher kind and against a low-rank teacher (the
+heaviest teacher tile in every measurement). Plus one bf16 compile per kernel and architecture.
 
 Resource usage is read with the Triton wheel's ``cuobjdump`` (tests/test_triton_compile.py's machinery);
 the test fails on any register spill or stack use, or shared memory beyond the architecture's limit.
@@ -79,26 +79,26 @@ def _attrs(fn, sig):
     return out
 
 
-def variants(kernel: str, d_pad: int, fp32: bool, bm: int, bn: int) -> list[dict]:
-    """Constexprs of every compile of one config: each prior kind (KL: against the same teacher kind and
-    against a low-rank teacher), causal + padding + every gradient switch on."""
+def variants(kernel: str, d_pad: int, fp32: bool, bm: int, bn: int, prior: int) -> list[dict]:
+    """Constexprs of every compile of one config (student prior ``prior``): the statistics, and the KL against
+    the same teacher kind and against a low-rank teacher; causal + padding + every gradient switch on."""
 
     def side(p, sfx=""):
         return {f"PRIOR{sfx}": p, f"MASK_OUT{sfx}": p == 2, f"R_PAD{sfx}": 16}
 
     base = dict(CAUSAL=True, HAS_KPM=True, D_PAD=d_pad, IEEE=fp32, BLOCK_M=bm, BLOCK_N=bn)
-    kl_pairs = [(p, p) for p in range(5)] + [(p, LOWRANK) for p in range(5) if p != LOWRANK]
-    teacher = dict(DT_PAD=d_pad, IEEE_T=fp32)
+    teachers = sorted({prior, LOWRANK})
+    kl_side = dict(DT_PAD=d_pad, IEEE_T=fp32)
     if kernel in ("fwd", "mass"):
-        return [{**base, **side(p)} for p in range(5)]
+        return [{**base, **side(prior)}]
     if kernel == "klfwd":
-        return [{**base, **teacher, **side(s), **side(t, "_T")} for s, t in kl_pairs]
+        return [{**base, **kl_side, **side(prior), **side(t, "_T")} for t in teachers]
     extra = dict(NEED_DPRIOR=True, **({"NEED_DALPHA": True} if kernel == "dq" else {"LAG_T": 2 * max(bm, bn)}))
-    stats = [{**base, **extra, **side(p), **side(0, "_T"), "DT_PAD": 16, "IEEE_T": False, "KL": False,
-              "HAS_GH": True, "HAS_GM": True} for p in range(5)]
-    kl = [{**base, **extra, **teacher, **side(s), **side(t, "_T"), "KL": True, "HAS_GH": False, "HAS_GM": False}
-          for s, t in kl_pairs]
-    return stats + kl
+    stats = {**base, **extra, **side(prior), **side(0, "_T"), "DT_PAD": 16, "IEEE_T": False, "KL": False,
+             "HAS_GH": True, "HAS_GM": True}
+    kl = [{**base, **extra, **kl_side, **side(prior), **side(t, "_T"), "KL": True, "HAS_GH": False, "HAS_GM": False}
+          for t in teachers]
+    return [stats] + kl
 
 
 def _compile_one(case) -> dict:
@@ -123,29 +123,29 @@ def _ok(r) -> bool:
 def _cases():
     cases = []
     for key, (bm, bn, w, s, mx) in sorted(S.CONFIGS.items()):
-        kernel, cls, d = key.split("|")
+        kernel, cls, d, prior = key.split("|")
         fp32 = cls == "32"
         for arch in ARCHS:
-            for feats in variants(kernel, int(d), fp32, bm, bn):
+            for feats in variants(kernel, int(d), fp32, bm, bn, int(prior)):
                 cases.append((arch, kernel, "fp32" if fp32 else "fp16", feats, w, s, mx))
-    for kernel in S.KERNELS:
-        cfg = S.CONFIGS.get(f"{kernel}|16|64")
+    for kernel in S.KERNELS:  # bf16: one compile per kernel and architecture (lag prior)
+        cfg = S.CONFIGS.get(f"{kernel}|16|64|1")
         if cfg:
             for arch in ARCHS:
-                feats = variants(kernel, 64, False, cfg[0], cfg[1])[1]  # lag prior
-                cases.append((arch, kernel, "bf16", feats, *cfg[2:]))
+                cases.append((arch, kernel, "bf16", variants(kernel, 64, False, cfg[0], cfg[1], 1)[-1], *cfg[2:]))
     return cases
 
 
 def _pool(fn, items):
-    """Worker processes spawned with TRITON_INTERPRET=0 (@triton.jit reads it when the kernels are imported)."""
+    """Results of ``fn`` over ``items``, in order, as they come, from worker processes spawned with
+    TRITON_INTERPRET=0 (@triton.jit reads it when the kernels are imported)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
         ctx = multiprocessing.get_context("spawn")
         workers = max(1, min(8, os.cpu_count() or 1))
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            return list(pool.map(fn, items))
+            yield from pool.map(fn, items)
     finally:
         if old is None:
             del os.environ["TRITON_INTERPRET"]
@@ -154,18 +154,19 @@ def _pool(fn, items):
 
 
 def test_configs_shape():
-    """dk tiles are square (the lag-table partials' layout); every kernel has a 16-bit config at every head dim."""
+    """Lag-prior dk tiles are square (the lag-table partials' layout); 16-bit inputs at head dim <= 64 are served
+    for every kernel and prior kind."""
     for key, (bm, bn, *_) in S.CONFIGS.items():
-        if key.startswith("dk|"):
+        if key.startswith("dk|") and key.endswith("|1"):
             assert bm == bn, key
     for kernel in S.KERNELS:
-        for d in (64, 128, 256):
-            assert f"{kernel}|16|{d}" in S.CONFIGS, (kernel, d)
+        for prior in range(5):
+            assert f"{kernel}|16|64|{prior}" in S.CONFIGS, (kernel, prior)
 
 
 @pytest.mark.skipif(not os.path.exists(T.CUOBJDUMP), reason="cuobjdump not shipped with this triton")
 def test_aot_compile_stats_sm80_sm90():
-    rows = _pool(_compile_one, _cases())
+    rows = list(_pool(_compile_one, _cases()))
     print(f"\n{'arch':>4} {'kernel':>6} {'dtype':>5} {'prior':>7} {'kl':>5} {'D':>4} {'block':>9} {'w':>2} {'s':>2} "
           f"{'regs':>5} {'local':>6} {'stack':>6} {'smem':>7}")
     bad = []
@@ -180,25 +181,30 @@ def test_aot_compile_stats_sm80_sm90():
 
 # ---------------------------------------------------------------------------------------------- search
 
-# (BLOCK_M, BLOCK_N, warps, stages, maxnreg), large to small; maxnreg 255 lifts ptxas' occupancy target on
-# the backward kernels (see stats.CONFIGS)
+# (BLOCK_M, BLOCK_N, warps, stages, maxnreg), large to small (the shapes that passed for the attention kernels
+# first); maxnreg 255 lifts ptxas' occupancy target on the backward kernels (see stats.CONFIGS)
+_ROW = [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 1), (16, 32, 4, 1),
+        (16, 16, 4, 1)]
+_KEY = [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 1), (16, 32, 4, 1),
+        (16, 16, 4, 1)]
+_SQUARE = [(64, 64, 8, 2), (64, 64, 4, 2), (32, 32, 8, 1), (32, 32, 4, 1), (16, 16, 4, 1)]
 CANDIDATES = {
-    "fwd": [(64, 64, 4, 2, 0), (64, 32, 4, 2, 0), (32, 32, 4, 1, 0), (16, 32, 4, 1, 0), (16, 16, 4, 1, 0)],
-    "mass": [(64, 64, 4, 2, 0), (32, 64, 4, 2, 0), (32, 32, 4, 1, 0), (32, 16, 4, 1, 0), (16, 16, 4, 1, 0)],
-    "klfwd": [(64, 32, 4, 2, 0), (32, 32, 4, 1, 0), (32, 32, 8, 1, 0), (16, 32, 4, 1, 0), (16, 16, 4, 1, 0),
-              (16, 16, 2, 1, 0)],
-    "dq": [(32, 32, 4, 1, 255), (32, 32, 8, 1, 255), (16, 32, 4, 1, 255), (16, 16, 4, 1, 255), (16, 16, 2, 1, 255)],
-    "dk": [(32, 32, 4, 1, 255), (32, 32, 8, 1, 255), (16, 16, 4, 1, 255), (16, 16, 2, 1, 255)],
+    "fwd": [(*c, 0) for c in _ROW],
+    "mass": [(*c, 0) for c in _KEY],
+    "klfwd": [(*c, 0) for c in _ROW],
+    "dq": [(*c, 255) for c in _ROW],
+    "dk": [(*c, 255) for c in _KEY],
 }
 
 
 def _search_key(key):
     """The first candidate (large to small) that is spill-free for every variant on both architectures."""
-    kernel, cls, d = key
+    kernel, cls, d, prior = key
     fp32 = cls == "32"
-    for bm, bn, w, s, mx in CANDIDATES[kernel]:
-        # heaviest first (low-rank, KL), so a spilling candidate is rejected after few compiles
-        vs = sorted(variants(kernel, d, fp32, bm, bn), key=lambda f: (f["PRIOR"] != LOWRANK, not f.get("KL", True)))
+    cands = [(*c, 255) for c in _SQUARE] if (kernel, prior) == ("dk", 1) else CANDIDATES[kernel]
+    for bm, bn, w, s, mx in cands:
+        # heaviest first (KL with a low-rank teacher), so a spilling candidate is rejected after few compiles
+        vs = variants(kernel, d, fp32, bm, bn, prior)[::-1]
         if all(_ok(_compile_one((a, kernel, "fp32" if fp32 else "fp16", f, w, s, mx))) for f in vs for a in ARCHS):
             return key, (bm, bn, w, s, mx)
     return key, None
@@ -206,8 +212,12 @@ def _search_key(key):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    keys = [(k, "16", d) for k in S.KERNELS for d in (64, 128, 256)] + [(k, "32", 64) for k in S.KERNELS]
+    keys = [(k, c, d, p) for k in S.KERNELS for c, ds in (("16", (64, 128, 256)), ("32", (64,))) for d in ds
+            for p in range(5)]
     if len(sys.argv) > 1:
         keys = [k for k in keys if k[0] in sys.argv[1:]]
-    for (kernel, cls, d), cfg in _pool(_search_key, keys):
-        print(f"    '{kernel}|{cls}|{d}': {cfg},", flush=True)
+    for (kernel, cls, d, prior), cfg in _pool(_search_key, keys):
+        if cfg:
+            print(f'    "{kernel}|{cls}|{d}|{prior}": {cfg},', flush=True)
+        else:
+            print(f"    # {kernel}|{cls}|{d}|{prior}: none", flush=True)

@@ -11,7 +11,7 @@ most 16385 entries; CPU tensors only under ``TRITON_INTERPRET=1``; on CUDA, only
 ``CONFIGS`` (verified spill-free for sm_80/sm_90 by tests/test_triton_stats_compile.py). Inputs whose last
 stride is not 1 are copied once (O(L·D), as function.py does for attention).
 
-Blocks are fixed per (kernel, dtype class, head-dim bucket), not autotuned: the choice comes
+Blocks are fixed per (kernel, dtype class, head-dim bucket, prior kind), not autotuned: the choice comes
 from ahead-of-time compiles only. Not yet run or timed on a GPU.
 """
 
@@ -31,7 +31,7 @@ from ._stats_kernels import (
     _stats_fwd_kernel,
     _stats_mass_kernel,
 )
-from .launch import LOG2E, PriorPack, _alpha_vec, _arch, _kpm, _reduce_lag, interpreting, reduce_prior_grads
+from .launch import LOG2E, PriorPack, _alpha_vec, _kpm, _reduce_lag, interpreting, reduce_prior_grads
 
 MAX_HEAD_DIM = 256
 MAX_RANK = 128
@@ -39,26 +39,116 @@ MAX_LAG_GRAD_ENTRIES = 16385
 KERNELS = ("fwd", "mass", "klfwd", "dq", "dk")
 INTERPRET = (32, 32, 4, 1, 0)  # square: the dk kernel's lag-table partials need BLOCK_M == BLOCK_N
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) per "kernel|dtype class|head-dim bucket", the same on sm_80 and
-# sm_90 (sm_100+ as sm_90); dtype class "16" (fp16/bf16) or "32" (fp32 on either KL side: 3xTF32 dots). dk
-# tiles are square (lag-table partials). Each entry is the first candidate, large to small, that compiles
-# without spills on both architectures for every prior kind with causal, padding and all gradients on (the
-# most live state): found and checked by tests/test_triton_stats_compile.py. A missing key is declined on CUDA.
-# maxnreg 255 (0 = ptxas' default) on the backward kernels: left to itself, ptxas aims at a register count for
-# occupancy (80 or 128) and spills a few values that live across the loops, where 100-160 registers suffice.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, maxnreg) per "kernel|dtype class|head-dim bucket|prior code" (the
+# student's prior for the KL), the same on sm_80 and sm_90 (sm_100+ as sm_90). Dtype class "16" (fp16/bf16) or
+# "32" (fp32 on either KL side: 3xTF32 dots). Each entry is the first candidate, large to small, that compiles
+# without spills on both architectures with causal, padding and every gradient on (the most live state), for
+# the statistics and for the KL against the same teacher prior kind and a low-rank one (the heaviest teacher
+# tile): found and checked by tests/test_triton_stats_compile.py. A missing key is declined on CUDA. dk tiles
+# for the lag prior are square (the lag-table partials' layout). maxnreg 255 on the backward kernels: left to
+# itself, ptxas aims at a register count for occupancy (80 or 128) and spills values that live across the
+# loops where a few more registers suffice.
 CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
-    "fwd|16|64": (64, 64, 4, 2, 0),
-    "fwd|16|128": (64, 32, 4, 2, 0),
-    "fwd|16|256": (64, 32, 4, 2, 0),
-    "fwd|32|64": (32, 32, 4, 1, 0),
-    "mass|16|64": (64, 64, 4, 2, 0),
-    "mass|16|128": (64, 64, 4, 2, 0),
-    "mass|16|256": (32, 64, 4, 2, 0),
-    "mass|32|64": (32, 32, 4, 1, 0),
-    "klfwd|16|64": (32, 32, 4, 1, 0),
-    "klfwd|16|128": (32, 32, 4, 1, 0),
-    "klfwd|16|256": (32, 32, 4, 1, 0),
-    "klfwd|32|64": (16, 32, 4, 1, 0),
+    "fwd|16|64|0": (128, 64, 8, 2, 0),
+    "fwd|16|64|1": (128, 64, 8, 2, 0),
+    "fwd|16|64|2": (128, 64, 8, 2, 0),
+    "fwd|16|64|3": (128, 64, 8, 2, 0),
+    "fwd|16|64|4": (128, 64, 8, 2, 0),
+    "fwd|16|128|0": (128, 64, 8, 2, 0),
+    "fwd|16|128|1": (128, 64, 8, 2, 0),
+    "fwd|16|128|2": (64, 32, 4, 2, 0),
+    "fwd|16|128|3": (128, 64, 8, 2, 0),
+    "fwd|16|128|4": (128, 64, 8, 2, 0),
+    "fwd|16|256|0": (128, 64, 8, 2, 0),
+    "fwd|16|256|1": (64, 32, 4, 2, 0),
+    "fwd|16|256|2": (64, 32, 4, 2, 0),
+    "fwd|16|256|3": (128, 64, 8, 2, 0),
+    "fwd|16|256|4": (128, 64, 8, 2, 0),
+    "fwd|32|64|0": (128, 64, 8, 2, 0),
+    "fwd|32|64|1": (64, 32, 4, 2, 0),
+    "fwd|32|64|2": (32, 64, 8, 2, 0),
+    "fwd|32|64|3": (64, 32, 4, 2, 0),
+    "fwd|32|64|4": (64, 32, 4, 2, 0),
+    "mass|16|64|0": (32, 128, 8, 2, 0),
+    "mass|16|64|1": (32, 128, 8, 2, 0),
+    "mass|16|64|2": (32, 128, 8, 2, 0),
+    "mass|16|64|3": (32, 128, 8, 2, 0),
+    "mass|16|64|4": (32, 128, 8, 2, 0),
+    "mass|16|128|0": (32, 128, 8, 2, 0),
+    "mass|16|128|1": (32, 128, 8, 2, 0),
+    "mass|16|128|2": (32, 128, 8, 2, 0),
+    "mass|16|128|3": (32, 128, 8, 2, 0),
+    "mass|16|128|4": (32, 128, 8, 2, 0),
+    "mass|16|256|0": (32, 128, 8, 2, 0),
+    "mass|16|256|1": (32, 128, 8, 2, 0),
+    "mass|16|256|2": (32, 128, 8, 2, 0),
+    "mass|16|256|3": (32, 128, 8, 2, 0),
+    "mass|16|256|4": (32, 128, 8, 2, 0),
+    "mass|32|64|0": (32, 128, 8, 2, 0),
+    "mass|32|64|1": (32, 128, 8, 2, 0),
+    "mass|32|64|2": (32, 128, 8, 2, 0),
+    "mass|32|64|3": (32, 128, 8, 2, 0),
+    "mass|32|64|4": (32, 128, 8, 2, 0),
+    "klfwd|16|64|0": (128, 64, 8, 2, 0),
+    "klfwd|16|64|1": (128, 64, 8, 2, 0),
+    "klfwd|16|64|2": (128, 64, 8, 2, 0),
+    "klfwd|16|64|3": (128, 64, 8, 2, 0),
+    "klfwd|16|64|4": (64, 32, 4, 2, 0),
+    "klfwd|16|128|0": (128, 64, 8, 2, 0),
+    "klfwd|16|128|1": (64, 32, 4, 2, 0),
+    "klfwd|16|128|2": (32, 64, 8, 2, 0),
+    "klfwd|16|128|3": (128, 64, 8, 2, 0),
+    "klfwd|16|128|4": (64, 32, 4, 2, 0),
+    "klfwd|16|256|0": (64, 32, 4, 2, 0),
+    "klfwd|16|256|1": (64, 32, 4, 2, 0),
+    "klfwd|16|256|2": (32, 64, 8, 2, 0),
+    "klfwd|16|256|3": (64, 64, 4, 2, 0),
+    "klfwd|16|256|4": (64, 32, 4, 2, 0),
+    "klfwd|32|64|0": (32, 64, 8, 2, 0),
+    "klfwd|32|64|1": (32, 64, 8, 2, 0),
+    "klfwd|32|64|2": (32, 64, 8, 2, 0),
+    "klfwd|32|64|3": (64, 32, 4, 2, 0),
+    "klfwd|32|64|4": (64, 32, 4, 2, 0),
+    "dq|16|64|0": (32, 32, 4, 1, 255),
+    "dq|16|64|1": (16, 32, 4, 1, 255),
+    "dq|16|64|2": (16, 32, 4, 1, 255),
+    "dq|16|64|3": (16, 16, 4, 1, 255),
+    "dq|16|64|4": (16, 32, 4, 1, 255),
+    "dq|16|128|0": (16, 32, 4, 1, 255),
+    "dq|16|128|1": (16, 32, 4, 1, 255),
+    "dq|16|128|2": (16, 32, 4, 1, 255),
+    # dq|16|128|3: none
+    "dq|16|128|4": (16, 32, 4, 1, 255),
+    "dq|16|256|0": (16, 32, 4, 1, 255),
+    "dq|16|256|1": (16, 16, 4, 1, 255),
+    # dq|16|256|2: none
+    # dq|16|256|3: none
+    "dq|16|256|4": (16, 32, 4, 1, 255),
+    "dq|32|64|0": (32, 64, 8, 2, 255),
+    "dq|32|64|1": (16, 32, 4, 1, 255),
+    "dq|32|64|2": (16, 32, 4, 1, 255),
+    # dq|32|64|3: none
+    "dq|32|64|4": (16, 32, 4, 1, 255),
+    "dk|16|64|0": (32, 128, 8, 2, 255),
+    "dk|16|64|1": (32, 32, 8, 1, 255),
+    "dk|16|64|2": (32, 32, 4, 1, 255),
+    "dk|16|64|3": (16, 32, 4, 1, 255),
+    "dk|16|64|4": (32, 32, 4, 1, 255),
+    "dk|16|128|0": (16, 32, 4, 1, 255),
+    "dk|16|128|1": (16, 16, 4, 1, 255),
+    "dk|16|128|2": (16, 32, 4, 1, 255),
+    # dk|16|128|3: none
+    "dk|16|128|4": (16, 32, 4, 1, 255),
+    "dk|16|256|0": (16, 16, 4, 1, 255),
+    # dk|16|256|1: none
+    "dk|16|256|2": (16, 16, 4, 1, 255),
+    # dk|16|256|3: none
+    "dk|16|256|4": (16, 16, 4, 1, 255),
+    "dk|32|64|0": (16, 16, 4, 1, 255),
+    # dk|32|64|1: none
+    "dk|32|64|2": (16, 32, 4, 1, 255),
+    # dk|32|64|3: none
+    "dk|32|64|4": (16, 16, 4, 1, 255),
 }
 
 
@@ -66,15 +156,15 @@ def _bucket(d_pad: int) -> int:
     return 64 if d_pad <= 64 else (128 if d_pad <= 128 else 256)
 
 
-def config(kernel: str, arch: int, d_pad: int, fp32: bool):
-    """The launch config of ``kernel`` on sm_<arch>, or None where none is verified (arch >= 80 assumed)."""
-    return CONFIGS.get(f"{kernel}|{'32' if fp32 else '16'}|{_bucket(d_pad)}")
+def config(kernel: str, d_pad: int, fp32: bool, prior: int):
+    """The launch config of ``kernel``, or None where none is verified spill-free."""
+    return CONFIGS.get(f"{kernel}|{'32' if fp32 else '16'}|{_bucket(d_pad)}|{prior}")
 
 
-def _cfg(kernel: str, dev: torch.device, d_pad: int, fp32: bool) -> tuple[int, int, int, int, int]:
+def _cfg(kernel: str, dev: torch.device, d_pad: int, fp32: bool, prior: int) -> tuple[int, int, int, int, int]:
     if interpreting() or dev.type != "cuda":
         return INTERPRET
-    return config(kernel, _arch(), d_pad, fp32)  # never None: the reasons decline such launches
+    return config(kernel, d_pad, fp32, prior)  # never None: the reasons decline such launches
 
 
 # ---------------------------------------------------------------------------------------------- reasons
@@ -102,28 +192,28 @@ def _side_reasons(p, role: str = "") -> list[str]:
     return why
 
 
-def _config_reasons(dev: torch.device, kernels, d: int, fp32: bool) -> list[str]:
+def _config_reasons(dev: torch.device, kernels, d: int, fp32: bool, prior_kind: str) -> list[str]:
     if dev.type != "cuda":
         return []
-    major, minor = torch.cuda.get_device_capability(dev)
-    arch, d_pad = major * 10 + minor, C.pad_dim(d)
-    missing = [k for k in kernels if config(k, arch, d_pad, fp32) is None]
+    missing = [k for k in kernels if config(k, C.pad_dim(d), fp32, C.PRIOR_CODES[prior_kind]) is None]
     if missing:
-        return [f"no spill-free config of the {', '.join(missing)} kernel(s) on sm_{arch} for head dim {d} with "
-                f"{'fp32' if fp32 else '16-bit'} inputs"]
+        return [f"no spill-free config of the {', '.join(missing)} kernel(s) for head dim {d} with "
+                f"{'fp32' if fp32 else '16-bit'} inputs and a {prior_kind!r} prior"]
     return []
 
 
 def stats_reasons(p) -> list[str]:
     why = _side_reasons(p)
-    return why or _config_reasons(p.device, ("fwd", "mass", "dq", "dk"), p.head_dim, p.dtype == torch.float32)
+    return why or _config_reasons(p.device, ("fwd", "mass", "dq", "dk"), p.head_dim, p.dtype == torch.float32,
+                                  p.prior_kind)
 
 
 def kl_reasons(p) -> list[str]:
     t, s = p.teacher, p.student
     why = _side_reasons(t, "teacher: ") + _side_reasons(s, "student: ")
     fp32 = torch.float32 in (t.dtype, s.dtype)
-    return why or _config_reasons(p.device, ("klfwd", "dq", "dk"), max(t.head_dim, s.head_dim), fp32)
+    return why or _config_reasons(p.device, ("klfwd", "dq", "dk"), max(t.head_dim, s.head_dim), fp32,
+                                  s.prior_kind)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -169,9 +259,9 @@ def stats_fwd(sd: Side, kpm, causal: bool):
     kpm_t, skpm, has_kpm = _kpm(kpm, q)
     tail = (*sd.pack.args(), *sd.strides(), skpm, hq, lq, lk, sd.d, sd.group, sd.scale * LOG2E)
     consts = dict(**sd.consts(), CAUSAL=bool(causal), HAS_KPM=has_kpm, D_PAD=sd.d_pad, IEEE=sd.fp32)
-    cfg = _cfg("fwd", q.device, sd.d_pad, sd.fp32)
+    cfg = _cfg("fwd", q.device, sd.d_pad, sd.fp32, sd.pack.code)
     _launch(_stats_fwd_kernel, (triton.cdiv(lq, cfg[0]), b * hq), (q, k, lse, ent, sd.alpha, kpm_t, *tail), consts, cfg)
-    cfg = _cfg("mass", q.device, sd.d_pad, sd.fp32)
+    cfg = _cfg("mass", q.device, sd.d_pad, sd.fp32, sd.pack.code)
     _launch(_stats_mass_kernel, (triton.cdiv(lk, cfg[1]), b * hq), (q, k, lse, mass, sd.alpha, kpm_t, *tail),
             consts, cfg)
     return ent, mass, lse
@@ -199,7 +289,7 @@ def kl_fwd(t: Side, s: Side, kpm, causal: bool, temperature: float):
             s.scale * LOG2E * inv_t, t.scale * LOG2E * inv_t, inv_t)
     consts = dict(**s.consts(), **t.consts("_T"), CAUSAL=bool(causal), HAS_KPM=has_kpm, D_PAD=s.d_pad,
                   DT_PAD=t.d_pad, IEEE=s.fp32, IEEE_T=t.fp32)
-    cfg = _cfg("klfwd", q.device, *_kl_dims(t, s))
+    cfg = _cfg("klfwd", q.device, *_kl_dims(t, s), s.pack.code)
     _launch(_kl_fwd_kernel, (triton.cdiv(lq, cfg[0]), b * hq), args, consts, cfg)
     return kl, lse_t, lse_s
 
@@ -230,7 +320,7 @@ def score_bwd(s: Side, kpm, causal: bool, lse, gr, *, mu=None, gm=None, teacher:
     if not kl:
         t.d_pad, t.fp32 = 16, False  # teacher arguments are unused stand-ins
     d_pad, fp32 = _kl_dims(t, s) if kl else (s.d_pad, s.fp32)
-    cfg_dq, cfg_dk = _cfg("dq", dev, d_pad, fp32), _cfg("dk", dev, d_pad, fp32)
+    cfg_dq, cfg_dk = _cfg("dq", dev, d_pad, fp32, s.pack.code), _cfg("dk", dev, d_pad, fp32, s.pack.code)
     kpm_t, skpm, has_kpm = _kpm(kpm, q)
     vec = lambda x: scratch if x is None else x.float().contiguous()  # noqa: E731
     gr, mu, gm = vec(gr), vec(mu), vec(gm)
