@@ -1,0 +1,25 @@
+// The op schemas of rapkern, defined once. Device kernels register implementations from their own
+// translation units (csrc/cpu/*.cpp in rapkern._C; csrc/cuda/ in a separate module), so a failed CUDA
+// build never takes the CPU kernels down.
+//
+// prior_kind: 0 none, 1 relative lag, 2 banded, 3 low-rank, 4 dense (rapkern/priors.py is the semantics).
+// Prior tensors come as 3-D/4-D views with leading (Bp, Hp), Bp in {1, B}, Hp in {1, Hq}:
+//   lag: prior0 = table (Bp, Hp, 2W+1); banded: prior0 = values (Bp, Hp, Lq, 2w+1);
+//   low-rank: prior0 = u (Bp, Hp, Lq, r), prior1 = v (Bp', Hp', Lk, r); dense: prior0 = bias (Bp, Hp, Lq, Lk).
+#include <torch/library.h>
+
+TORCH_LIBRARY(rapkern, m) {
+  // out (B, Hq, Lq, Dv) in q's dtype; lse (B, Hq, Lq) float32, natural log, -inf for a row with no key.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? alpha, float alpha_value, "
+      "int prior_kind, Tensor? prior0, Tensor? prior1, bool mask_outside, bool causal, float scale, "
+      "float dropout_p, int seed) -> (Tensor out, Tensor lse)");
+  // dq, dk, dv in the inputs' dtypes; dprior0/dprior1 float32 in the shape of the prior views passed in;
+  // dalpha float32 (Hq,). A gradient not asked for is an empty tensor (numel 0).
+  m.def(
+      "attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, Tensor? alpha, float alpha_value, int prior_kind, Tensor? prior0, "
+      "Tensor? prior1, bool mask_outside, bool causal, float scale, float dropout_p, int seed, "
+      "bool need_qkv_grad, bool need_prior_grad, bool need_alpha_grad) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dprior0, Tensor dprior1, Tensor dalpha)");
+}
