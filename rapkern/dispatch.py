@@ -23,9 +23,13 @@ _REASONS = {
 }
 
 
+_AUTO: dict[tuple, list[Backend]] = {}  # (device type, registry state) -> candidates for "auto"
+
+
 def register(backend: Backend, *, priority: int) -> None:
     _REGISTRY[backend.name] = backend
     _PRIORITY.insert(min(priority, len(_PRIORITY)), backend.name)
+    _AUTO.clear()
 
 
 def backends() -> list[Backend]:
@@ -44,31 +48,51 @@ def _reasons(b: Backend, check: Callable) -> list[str]:
 
 
 def choose(op: str, problem, backend: str) -> Backend:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if op not in _REASONS:
+    # A per-call cost: the happy path builds no strings and asks each candidate once.
+    method = _REASONS.get(op)
+    if method is None:
         raise ValueError(f"unknown op {op!r}; known: {sorted(_REASONS)}")
-    check = lambda b: getattr(b, _REASONS[op])(problem)
     if backend == "auto":
-        backend = os.environ.get("RAPKERN_BACKEND", "auto") or "auto"
+        backend = os.environ.get("RAPKERN_BACKEND") or "auto"
+    elif not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto":
         chosen = get(backend)
-        reasons = _reasons(chosen, check)
+        reasons = _reasons(chosen, lambda b: getattr(b, method)(problem))
         if reasons:
             raise NotImplementedError(
                 f"backend {backend!r} cannot run {op} for {problem.describe()}: " + "; ".join(reasons)
             )
         return chosen
+    device_type = problem.device.type
+    for b in _auto_candidates(device_type):
+        if b.availability() is None and not getattr(b, method)(problem):
+            return b
+    raise NotImplementedError(_nothing_fits(op, problem, method, device_type))
+
+
+def _auto_candidates(device_type: str) -> list[Backend]:
+    """Backends "auto" may pick on this device type, in priority order (never the float64 reference)."""
+    key = (device_type, id(_REGISTRY), tuple(_PRIORITY))
+    out = _AUTO.get(key)
+    if out is None:
+        out = []
+        for b in backends():
+            auto_devices = b.devices if b.auto_devices is None else b.auto_devices
+            if b.name != "reference" and device_type in auto_devices:
+                out.append(b)
+        _AUTO[key] = out
+    return out
+
+
+def _nothing_fits(op: str, problem, method: str, device_type: str) -> str:
     report = []
     for b in backends():
         if b.name == "reference":  # the float64 oracle is never picked automatically
             continue
         auto_devices = b.devices if b.auto_devices is None else b.auto_devices
-        if problem.device.type not in auto_devices:
-            report.append(f"{b.name}: not chosen automatically for {problem.device.type} tensors")
+        if device_type not in auto_devices:
+            report.append(f"{b.name}: not chosen automatically for {device_type} tensors")
             continue
-        reasons = _reasons(b, check)
-        if not reasons:
-            return b
-        report.append(f"{b.name}: " + "; ".join(reasons))
-    raise NotImplementedError(f"no backend can run {op} for {problem.describe()}:\n  " + "\n  ".join(report))
+        report.append(f"{b.name}: " + "; ".join(_reasons(b, lambda b: getattr(b, method)(problem))))
+    return f"no backend can run {op} for {problem.describe()}:\n  " + "\n  ".join(report)

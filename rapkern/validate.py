@@ -134,24 +134,29 @@ def _same(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
 
 
 def check_attention(q, k, v, *, prior, alpha, causal, key_padding_mask, scale, dropout_p) -> AttentionProblem:
+    # Runs on every call: each tensor attribute is read once, and messages are built only on failure.
     q, k, v = _tensor("q", q), _tensor("k", k), _tensor("v", v)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(t.shape)}")
-    _same("k", k, q, "q")
-    _same("v", v, q, "q")
-    b, hq, lq, d = q.shape
-    _, hkv, lk, _ = k.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"q, k, v must share the batch size: got {b}, {k.shape[0]}, {v.shape[0]}")
-    if v.shape[1] != hkv:
-        raise ValueError(f"v must have the same number of heads as k ({hkv}), got {v.shape[1]}")
-    if v.shape[2] != lk:
-        raise ValueError(f"v must have the same length as k (Lk = {lk}), got {v.shape[2]}")
-    if k.shape[3] != d:
-        raise ValueError(f"k must have the same head dim as q (D = {d}), got {k.shape[3]}")
-    if d == 0 or v.shape[3] == 0:
-        raise ValueError(f"head dims must be >= 1, got q/k D = {d} and v Dv = {v.shape[3]}")
+    qs, ks, vs = q.shape, k.shape, v.shape
+    for name, shape in (("q", qs), ("k", ks), ("v", vs)):
+        if len(shape) != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, L, D), got shape {tuple(shape)}")
+    dtype, device = q.dtype, q.device
+    if k.dtype != dtype or v.dtype != dtype or k.device != device or v.device != device:
+        _same("k", k, q, "q")
+        _same("v", v, q, "q")
+    b, hq, lq, d = qs
+    _, hkv, lk, dv = vs
+    if ks[0] != b or vs[0] != b:
+        raise ValueError(f"q, k, v must share the batch size: got {b}, {ks[0]}, {vs[0]}")
+    if ks[1] != hkv:
+        raise ValueError(f"v must have the same number of heads as k ({ks[1]}), got {hkv}")
+    if ks[2] != lk:
+        raise ValueError(f"v must have the same length as k (Lk = {ks[2]}), got {lk}")
+    lk = ks[2]
+    if ks[3] != d:
+        raise ValueError(f"k must have the same head dim as q (D = {d}), got {ks[3]}")
+    if d == 0 or dv == 0:
+        raise ValueError(f"head dims must be >= 1, got q/k D = {d} and v Dv = {dv}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(
             f"the number of query heads Hq = {hq} must be a multiple of the key/value heads Hkv = {hkv}"
@@ -182,12 +187,12 @@ def check_attention(q, k, v, *, prior, alpha, causal, key_padding_mask, scale, d
             raise ValueError(
                 f"key_padding_mask must have shape (B, Lk) = ({b}, {lk}), got {tuple(key_padding_mask.shape)}"
             )
-        if key_padding_mask.device != q.device:
+        if key_padding_mask.device != device:
             raise ValueError(
-                f"key_padding_mask must be on the same device as q ({q.device}), got {key_padding_mask.device}"
+                f"key_padding_mask must be on the same device as q ({device}), got {key_padding_mask.device}"
             )
 
-    alpha = _check_alpha(alpha, hq, q.device)
+    alpha = float(alpha) if type(alpha) is float and math.isfinite(alpha) else _check_alpha(alpha, hq, device)
 
     if prior is not None:
         if not isinstance(prior, Prior):
@@ -195,7 +200,7 @@ def check_attention(q, k, v, *, prior, alpha, causal, key_padding_mask, scale, d
                 "prior must be None or a rapkern prior (RelativeLagPrior, BandedPrior, LowRankPrior, "
                 f"DensePrior), got {type(prior).__name__}"
             )
-        prior.check(b, hq, lq, lk, q.device)
+        prior.check(b, hq, lq, lk, device)
 
     return AttentionProblem(q, k, v, prior, alpha, causal, key_padding_mask, scale, float(dropout_p))
 
