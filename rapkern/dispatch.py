@@ -1,7 +1,8 @@
 """Backend registry and capability-based choice (after xformers' fmha dispatch).
 
-``backend="auto"`` takes the first backend in priority order that has no reasons against the input;
-``RAPKERN_BACKEND`` overrides "auto". An explicit backend that cannot serve raises with its reasons, and
+``backend="auto"`` takes the first backend in priority order that has no reasons against the input and, for
+attention, no measured speed rule (``Backend.auto_reasons``) that sends it on; ``RAPKERN_BACKEND`` overrides
+"auto". An explicit backend that cannot serve raises with its reasons, and
 when nothing fits, ``NotImplementedError`` lists every backend's reasons.
 """
 
@@ -65,8 +66,9 @@ def choose(op: str, problem, backend: str) -> Backend:
             )
         return chosen
     device_type = problem.device.type
+    rules = op == "attention"
     for b in _auto_candidates(device_type):
-        if b.availability() is None and not getattr(b, method)(problem):
+        if b.availability() is None and not getattr(b, method)(problem) and not (rules and b.auto_reasons(problem)):
             return b
     raise NotImplementedError(_nothing_fits(op, problem, method, device_type))
 
@@ -94,5 +96,8 @@ def _nothing_fits(op: str, problem, method: str, device_type: str) -> str:
         if device_type not in auto_devices:
             report.append(f"{b.name}: not chosen automatically for {device_type} tensors")
             continue
-        report.append(f"{b.name}: " + "; ".join(_reasons(b, lambda b: getattr(b, method)(problem))))
+        why = _reasons(b, lambda b: getattr(b, method)(problem))
+        if not why and op == "attention":
+            why = b.auto_reasons(problem)
+        report.append(f"{b.name}: " + "; ".join(why))
     return f"no backend can run {op} for {problem.describe()}:\n  " + "\n  ".join(report)

@@ -109,6 +109,11 @@ class Backend:
         """Return ``(out, lse)``; differentiable through autograd."""
         raise NotImplementedError
 
+    def auto_reasons(self, p: AttentionProblem) -> list[str]:
+        """Why ``backend="auto"`` should leave an attention input it *can* serve to the next backend (a
+        measured speed rule, never a run-time timing); empty = take it. Explicit requests ignore this."""
+        return []
+
     def route_reasons(self, p: RouteProblem) -> list[str]:
         return ["lda_route is not implemented by this backend"]
 
