@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import dispatch
 from .priors import DensePrior, Prior, lead4
-from .validate import check_attention
+from .validate import QKProblem, check_attention
 
 __all__ = ["AttentionStats", "StatsProblem", "KLProblem", "attention_stats", "attention_kl", "check_stats", "check_kl"]
 
@@ -38,7 +38,7 @@ def _result_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 @dataclass
-class StatsProblem:
+class StatsProblem(QKProblem):
     q: Tensor  # (B, Hq, Lq, D)
     k: Tensor  # (B, Hkv, Lk, D), Hq % Hkv == 0
     prior: Prior | None
@@ -48,53 +48,9 @@ class StatsProblem:
     scale: float
 
     @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
     def out_dtype(self) -> torch.dtype:
         """dtype of entropy and key_mass: float64 for float64 inputs, else float32."""
         return _result_dtype(self.q.dtype)
-
-    @property
-    def batch(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def heads_q(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def heads_kv(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def lq(self) -> int:
-        return self.q.shape[2]
-
-    @property
-    def lk(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.q.shape[3]
-
-    @property
-    def prior_kind(self) -> str:
-        return "none" if self.prior is None else self.prior.kind
-
-    @property
-    def needs_prior_grad(self) -> bool:
-        return self.prior is not None and any(t.requires_grad for t in self.prior.tensors())
-
-    @property
-    def needs_alpha_grad(self) -> bool:
-        return isinstance(self.alpha, Tensor) and self.alpha.requires_grad
 
     def describe(self) -> str:
         return (

@@ -17,17 +17,8 @@ from .priors import Prior
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@dataclass
-class AttentionProblem:
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    prior: Prior | None
-    alpha: float | Tensor  # a float, or a tensor of shape () or (Hq,)
-    causal: bool
-    key_padding_mask: Tensor | None
-    scale: float
-    dropout_p: float
+class QKProblem:
+    """Shape and prior questions shared by the attention and statistics problems (fields q, k, prior, alpha)."""
 
     @property
     def batch(self) -> int:
@@ -54,10 +45,6 @@ class AttentionProblem:
         return self.q.shape[3]
 
     @property
-    def head_dim_v(self) -> int:
-        return self.v.shape[3]
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.q.dtype
 
@@ -76,6 +63,23 @@ class AttentionProblem:
     @property
     def needs_alpha_grad(self) -> bool:
         return isinstance(self.alpha, Tensor) and self.alpha.requires_grad
+
+
+@dataclass
+class AttentionProblem(QKProblem):
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    prior: Prior | None
+    alpha: float | Tensor  # a float, or a tensor of shape () or (Hq,)
+    causal: bool
+    key_padding_mask: Tensor | None
+    scale: float
+    dropout_p: float
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
 
     def describe(self) -> str:
         return (
