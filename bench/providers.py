@@ -15,6 +15,11 @@ Attention providers (``attention_providers()``):
   outside the timed call). Compile time is excluded from timing and reported as ``warmup_s``.
 * ``sdpa_lowrank_concat`` (low-rank priors only): the exact route ``SDPA([q·scale, α·u], [k, v_f], v,
   scale=1)``.
+* ``rapkern-auto`` (asked for by name, not in the default list): ``rapkern.attention(..., backend="auto")``,
+  what a user gets without choosing; :func:`auto_choice` says which backend it picked.
+
+Config keys read by :func:`make_attention_inputs` beyond the shape: ``learnable`` (prior tensors require
+grad in the backward modes) and ``learn_alpha`` (the per-head α requires grad too).
 
 Routing providers (``route_providers()``): ``rapkern-<backend>`` and ``eager``
 (``reference_lda_route`` in the input dtype).
@@ -51,6 +56,14 @@ def attention_providers() -> list[str]:
     return [f"rapkern-{b.name}" for b in rapkern_backends()] + BASELINES
 
 
+AUTO = "rapkern-auto"
+
+
+def rapkern_providers(include_auto: bool = False) -> list[str]:
+    """``rapkern-<backend>`` for every registered backend (but the reference), plus ``rapkern-auto``."""
+    return [f"rapkern-{b.name}" for b in rapkern_backends()] + ([AUTO] if include_auto else [])
+
+
 def route_providers() -> list[str]:
     return [f"rapkern-{b.name}" for b in rapkern_backends()] + ["eager"]
 
@@ -84,6 +97,7 @@ def make_attention_inputs(params: dict, device: str) -> dict:
     grad = params["mode"] != "fwd"
     q, k, v = (torch.randn(b, h, L, d, device=device, dtype=dt).requires_grad_(grad) for _ in range(3))
     alpha = (torch.rand(h, device=device) + 0.5).to(torch.float32)
+    alpha.requires_grad_(grad and bool(params.get("learn_alpha")))
     learn = grad and bool(params.get("learnable"))
     kind = params.get("prior", "none")
     tensors = []
@@ -108,7 +122,7 @@ def make_attention_inputs(params: dict, device: str) -> dict:
         prior = LowRankPrior(*tensors)
     elif kind == "dense":
         prior = DensePrior(tensors[0])
-    leaves = [t for t in (q, k, v, *tensors) if t.requires_grad]
+    leaves = [t for t in (q, k, v, alpha, *tensors) if t.requires_grad]
     return {"q": q, "k": k, "v": v, "alpha": alpha, "prior": prior, "prior_tensors": tensors,
             "causal": bool(params.get("causal")), "scale": 1.0 / math.sqrt(d), "leaves": leaves}
 
@@ -146,12 +160,37 @@ def backend_unavailable(name: str, device: str) -> str | None:
 def precheck(params: dict, device: str) -> str | None:
     """Cheap, input-free reasons a job cannot run (checked in the parent, no child started)."""
     prov = params["provider"]
+    if prov == AUTO:
+        return None
     if prov.startswith("rapkern-"):
         return backend_unavailable(prov[len("rapkern-"):], device)
     return None
 
 
+def _rapkern_kwargs(x: dict) -> dict:
+    return dict(prior=x["prior"], alpha=x["alpha"], causal=x["causal"], scale=x["scale"])
+
+
+def auto_choice(x: dict) -> str:
+    """The backend ``backend="auto"`` picks for these inputs (or why none can serve them)."""
+    try:
+        problem = check_attention(x["q"], x["k"], x["v"], key_padding_mask=None, dropout_p=0.0, **_rapkern_kwargs(x))
+        return dispatch.choose("attention", problem, "auto").name
+    except NotImplementedError as e:
+        return f"none ({str(e)[:200]})"
+
+
+def _rapkern_auto(x: dict, device: str):
+    chosen = auto_choice(x)
+    if chosen.startswith("none"):
+        raise Unavailable(f"backend='auto': {chosen}")
+    kw = _rapkern_kwargs(x)
+    return lambda: rapkern.attention(x["q"], x["k"], x["v"], backend="auto", **kw)
+
+
 def _rapkern(name: str, x: dict, device: str):
+    if name == "auto":
+        return _rapkern_auto(x, device)
     backend = dispatch.get(name)
     why = backend_unavailable(name, device)
     if why:
@@ -328,7 +367,7 @@ def build_attention(provider: str, x: dict, device: str, *, flex_dynamic=False):
     builders = {"eager": _eager, "sdpa_dense": _sdpa_dense, "sdpa_nobias": _sdpa_nobias,
                 "sdpa_lowrank_concat": _sdpa_lowrank_concat}
     if provider not in builders:
-        raise ValueError(f"unknown attention provider {provider!r}; known: {attention_providers()}")
+        raise ValueError(f"unknown attention provider {provider!r}; known: {attention_providers() + [AUTO]}")
     if provider == "sdpa_dense" and x["prior"] is None:
         raise Unavailable("needs a prior (without one it is sdpa_nobias)")
     return builders[provider](x, device)
