@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import __version__, dispatch
+from . import __version__, _ext, dispatch
 from .validate import check_attention, check_route
 
 
@@ -30,6 +30,18 @@ def _probe(device: str):
     return attn, route
 
 
+def _extension_lines(max_lines: int = 25) -> list[str]:
+    """Whether rapkern._C (the C++ kernels) is built and loads, and if not why (the build's compiler output)."""
+    why = _ext.details()
+    if why is None:
+        import rapkern._C as mod
+
+        return [f"_C       built ({mod.__file__})"]
+    reason = why.splitlines()
+    more = [f"         ... ({len(reason) - max_lines} more lines)"] if len(reason) > max_lines else []
+    return [f"_C       {reason[0]}"] + [f"         {ln}" for ln in reason[1:max_lines]] + more
+
+
 def report() -> str:
     lines = [
         f"rapkern  {__version__}",
@@ -38,6 +50,7 @@ def report() -> str:
         f"triton   {_version('triton')}",
         f"numpy    {_version('numpy')}",
     ]
+    lines += _extension_lines()
     cuda = torch.cuda.is_available()
     if cuda:
         for i in range(torch.cuda.device_count()):

@@ -472,8 +472,8 @@ def test_attention(backend, path):
             reject()
         check_attention(c, backend, path, device)
 
-    if backend in ("torch", "triton"):  # issue 8's layout, always
-        for kind in PRIOR_KINDS if backend == "torch" else ["lag"]:
+    if backend in ("torch", "triton", "cpp"):  # issue 8's layout, always
+        for kind in PRIOR_KINDS if backend in ("torch", "cpp") else ["lag"]:
             run = example(c=issue8_case(kind))(run)
     run()
 

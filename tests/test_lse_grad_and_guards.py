@@ -20,8 +20,17 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 5e-4}
 KINDS = ["none", "lag", "banded_masked", "lowrank", "dense"]
 
 
-@pytest.fixture(params=["torch-fused", "torch-blocked", "triton"])
+def _skip_without_ext(name):
+    if name == "cpp":
+        from rapkern import _ext
+
+        if _ext.load():
+            pytest.skip(_ext.load())
+
+
+@pytest.fixture(params=["torch-fused", "torch-blocked", "triton", "cpp"])
 def backend(request, monkeypatch):
+    _skip_without_ext(request.param)
     if request.param == "torch-blocked":
         from rapkern.backends.torch_blocked import cpu_flash
 
@@ -70,8 +79,9 @@ def test_lse_gradient(backend, kind, causal, with_out):
         assert_close_to_reference(f"grad[{i}]", a, r, e, helpers.scaled_floor(FLOOR, dtype, r, max(lq, lk)))
 
 
-@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("path", ["torch", "triton", "cpp"])
 def test_double_backward_raises_clearly(path, monkeypatch):
+    _skip_without_ext(path)
     if path == "triton":
         pytest.importorskip("triton")
         if not torch.cuda.is_available():
@@ -107,8 +117,9 @@ def _nonfinite_priors(value):
 
 
 @pytest.mark.parametrize("value", [float("-inf"), float("inf"), float("nan")])
-@pytest.mark.parametrize("backend_name", ["torch", "reference", "triton"])
+@pytest.mark.parametrize("backend_name", ["torch", "reference", "triton", "cpp"])
 def test_nonfinite_compact_prior_rejected(value, backend_name, monkeypatch):
+    _skip_without_ext(backend_name)
     if backend_name == "triton" and not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.randn(1, 2, 8, 8)

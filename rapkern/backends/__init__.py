@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import dispatch
+from .cpp import CppBackend
 from .reference import ReferenceBackend
 from .torch_blocked import TorchBackend
 from .triton_attention import TritonBackend
@@ -12,3 +13,5 @@ dispatch.register(TorchBackend(), priority=0)
 dispatch.register(TritonBackend(), priority=0)
 dispatch.register(TritonRoutingBackend(), priority=0)
 dispatch.register(ReferenceBackend(), priority=99)
+# the C++ CPU kernels ahead of the pure-PyTorch tile loop ("auto" falls back to torch when _C is not built)
+dispatch.register(CppBackend(), priority=0)

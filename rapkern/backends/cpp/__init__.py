@@ -1,0 +1,36 @@
+"""The "cpp" backend: rapkern's C++ CPU kernels (rapkern._C, csrc/cpu/), called as torch.library ops."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _ext
+from ..base import Backend
+from .attention import cpp_attention
+
+
+class CppBackend(Backend):
+    name = "cpp"
+    devices = ("cpu",)
+    dtypes = ("float16", "bfloat16", "float32")
+    deterministic = True  # bitwise independent of the thread count (fixed-order reductions, no atomics)
+
+    def availability(self):
+        return _ext.load()
+
+    def attention_reasons(self, p):
+        reasons = []
+        if p.device.type not in self.devices:
+            reasons.append(f"device type {p.device.type!r} not in {self.devices}")
+        if p.dtype == torch.float64:
+            reasons.append("float64 is not served by the C++ kernels (they compute in float32); "
+                           "use backend='torch' for float64")
+        return reasons
+
+    def auto_reasons(self, p) -> list[str]:
+        """Reasons for "auto" not to pick this backend although it can serve ``p`` (measured speed rules);
+        none yet."""
+        return []
+
+    def attention(self, p):
+        return cpp_attention(p)
