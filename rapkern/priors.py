@@ -30,11 +30,11 @@ __all__ = ["Prior", "RelativeLagPrior", "BandedPrior", "LowRankPrior", "DensePri
 def lead4(t: Tensor, trailing: int) -> Tensor:
     """View ``t`` (leading dims (), (Hp,) or (Bp, Hp), then ``trailing`` dims) as 4-D-ish (Bp, Hp, ...)."""
     lead = t.dim() - trailing
-    if lead == 0:
-        return t.reshape((1, 1) + tuple(t.shape))
+    if lead == 2:
+        return t
     if lead == 1:
         return t.unsqueeze(0)
-    return t
+    return t.reshape((1, 1) + tuple(t.shape))
 
 
 def sum_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -96,10 +96,10 @@ def _check_values(name: str, t: Tensor, allow_neginf: bool = False) -> None:
     # propagate); only when it is not finite (a bad entry, a -inf mask, or an overflow of large finite
     # values) do we look closer. This is a per-call cost of every prior, so it is one small op.
     if allow_neginf:  # a dense bias: -inf entries are masks, so look at the maximum only (NaN propagates)
-        hi = t.amax().item()
+        hi = t.detach().amax().item()
         if not (math.isnan(hi) or hi == math.inf):
             return
-    elif math.isfinite(t.sum().item()):
+    elif math.isfinite(t.detach().sum().item()):  # detach: no autograd node for a check
         return
     bad = (torch.isnan(t) | torch.isposinf(t)) if allow_neginf else ~torch.isfinite(t)
     n_bad = int(bad.sum())
