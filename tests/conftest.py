@@ -31,3 +31,12 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", params=["default", "triton-3.6"])
+def aot_env(request):
+    """A Python environment for the ahead-of-time compile gates: this one, and the triton 3.6 side
+    environment (built on first use by tools/triton36_env.sh; see tests/side_env.py)."""
+    import side_env
+
+    return side_env.ensure(request.param)

@@ -7,10 +7,16 @@ Registers, spills/stack and shared memory come from ``cuobjdump`` through tests/
 machinery; any spill or a shared-memory use above the architecture's limit fails the test. Feature dims
 and row strides are compiled as multiples of 16, as the JIT specializes them for what the backend runs
 on a GPU (it declines other d, e there).
+
+The gate runs under every environment of ``aot_env`` (this one and the triton 3.6 side environment) in a
+subprocess: ``python tests/test_triton_routing_compile.py --json out.json``. The configs are one table for all
+versions, so each version must compile every entry spill-free (26 compiles, about two to three minutes on two
+cores per environment).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import os
@@ -20,7 +26,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from test_triton_compile import CUOBJDUMP, SMEM_LIMIT, _resources  # noqa: E402
+from test_triton_compile import SMEM_LIMIT, _resources  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -122,19 +128,35 @@ def _compile_all(cases):
             os.environ["TRITON_INTERPRET"] = old
 
 
-@pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="cuobjdump not shipped with this triton")
-def test_routing_aot_compile_sm80_sm90():
+def gate() -> dict:
     rows = _compile_all(_cases())
-    bad = []
-    print(f"\n{'arch':>4} {'kernel':>10} {'dtype':>5} {'regs':>5} {'local':>6} {'stack':>6} {'smem':>7}")
+    problems = []
     for r in rows:
+        if r["local"] > 0 or r["stack"] > 0:
+            problems.append(f"spill: {r}")
+        if r["smem"] > SMEM_LIMIT[r["arch"]]:
+            problems.append(f"shared memory {r['smem']} > {SMEM_LIMIT[r['arch']]}: {r}")
+    return {"triton": triton.__version__, "table": C.describe_table(), "rows": rows, "problems": problems}
+
+
+def test_routing_aot_compile_sm80_sm90(aot_env):
+    import side_env
+
+    report = side_env.run_json(aot_env, ["tests/test_triton_routing_compile.py"])
+    print(f"\n[{aot_env.name}] triton {report['triton']}")
+    print(f"{'arch':>4} {'kernel':>10} {'dtype':>5} {'regs':>5} {'local':>6} {'stack':>6} {'smem':>7}")
+    for r in report["rows"]:
         print(f"{r['arch']:>4} {r['kernel']:>10} {r['dtype']:>5} {r['regs']:>5} {r['local']:>6} {r['stack']:>6} "
               f"{r['smem']:>7}")
-        if r["local"] > 0 or r["stack"] > 0:
-            bad.append(f"spill: {r}")
-        if r["smem"] > SMEM_LIMIT[r["arch"]]:
-            bad.append(f"shared memory {r['smem']} > {SMEM_LIMIT[r['arch']]}: {r}")
     if os.environ.get("RAPKERN_AOT_REPORT"):
-        with open(os.environ["RAPKERN_AOT_REPORT"], "w") as f:
-            json.dump(rows, f, indent=1)
-    assert not bad, "\n".join(bad)
+        with open(f"{os.environ['RAPKERN_AOT_REPORT']}.routing.{aot_env.name}.json", "w") as f:
+            json.dump(report, f, indent=1)
+    assert not report["problems"], f"[{aot_env.name}, triton {report['triton']}]\n" + "\n".join(report["problems"])
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    a = ap.parse_args()
+    with open(a.json, "w") as f:
+        json.dump(gate(), f, indent=1, default=list)

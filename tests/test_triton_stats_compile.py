@@ -10,12 +10,18 @@ heaviest teacher tile in every measurement). Plus one bf16 compile per kernel an
 Resource usage is read with the Triton wheel's ``cuobjdump`` (tests/test_triton_compile.py's machinery);
 the test fails on any register spill or stack use, or shared memory beyond the architecture's limit.
 
+The gate runs under every environment of ``aot_env`` (this one and the triton 3.6 side environment), in a
+subprocess: ``python tests/test_triton_stats_compile.py --gate --json out.json``. ``CONFIGS`` is one table for
+every Triton version, so each version must compile every entry spill-free.
+
 ``python tests/test_triton_stats_compile.py`` searches the candidate blocks (large to small, first that is
 spill-free for every variant on both architectures) and prints the CONFIGS table.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import multiprocessing
 import os
 import sys
@@ -164,19 +170,27 @@ def test_configs_shape():
             assert f"{kernel}|16|64|{prior}" in S.CONFIGS, (kernel, prior)
 
 
-@pytest.mark.skipif(not os.path.exists(T.CUOBJDUMP), reason="cuobjdump not shipped with this triton")
-def test_aot_compile_stats_sm80_sm90():
+def gate() -> dict:
     rows = list(_pool(_compile_one, _cases()))
-    print(f"\n{'arch':>4} {'kernel':>6} {'dtype':>5} {'prior':>7} {'kl':>5} {'D':>4} {'block':>9} {'w':>2} {'s':>2} "
+    problems = [f"spill / stack / shared memory over the limit: {r}" for r in rows if not _ok(r)]
+    return {"triton": triton.__version__, "rows": rows, "problems": problems}
+
+
+def test_aot_compile_stats_sm80_sm90(aot_env):
+    import side_env
+
+    report = side_env.run_json(aot_env, ["tests/test_triton_stats_compile.py", "--gate"], timeout=3600)
+    print(f"\n[{aot_env.name}] triton {report['triton']}")
+    print(f"{'arch':>4} {'kernel':>6} {'dtype':>5} {'prior':>7} {'kl':>5} {'D':>4} {'block':>9} {'w':>2} {'s':>2} "
           f"{'regs':>5} {'local':>6} {'stack':>6} {'smem':>7}")
-    bad = []
-    for r in rows:
+    for r in report["rows"]:
         print(f"{r['arch']:>4} {r['kernel']:>6} {r['dtype']:>5} {str(r['prior']):>7} {str(r['kl']):>5} {r['d_pad']:>4} "
               f"{str(tuple(r['block'])):>9} {r['warps']:>2} {r['stages']:>2} {r['regs']:>5} {r['local']:>6} "
               f"{r['stack']:>6} {r['smem']:>7}")
-        if not _ok(r):
-            bad.append(str(r))
-    assert not bad, "spill / stack / shared memory over the limit:\n" + "\n".join(bad)
+    if os.environ.get("RAPKERN_AOT_REPORT"):
+        with open(f"{os.environ['RAPKERN_AOT_REPORT']}.stats.{aot_env.name}.json", "w") as f:
+            json.dump(report, f, indent=1)
+    assert not report["problems"], f"[{aot_env.name}, triton {report['triton']}]\n" + "\n".join(report["problems"])
 
 
 # ---------------------------------------------------------------------------------------------- search
@@ -212,6 +226,14 @@ def _search_key(key):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    if "--gate" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--gate", action="store_true")
+        ap.add_argument("--json", required=True)
+        a = ap.parse_args()
+        with open(a.json, "w") as f:
+            json.dump(gate(), f, indent=1, default=list)
+        sys.exit(0)
     keys = [(k, c, d, p) for k in S.KERNELS for c, ds in (("16", (64, 128, 256)), ("32", (64,))) for d in ds
             for p in range(5)]
     if len(sys.argv) > 1:

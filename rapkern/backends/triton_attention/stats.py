@@ -238,11 +238,24 @@ class Side:
         return {f"PRIOR{sfx}": self.pack.code, f"MASK_OUT{sfx}": self.pack.mask_out, f"R_PAD{sfx}": self.pack.r_pad}
 
 
-def _launch(kernel, grid, args, consts, cfg, **extra):
+GRID_X_MAX = 2**31 - 1  # CUDA's limit on grid dim 0 (dims 1 and 2 stop at 65,535: not used here)
+
+
+def grid(length: int, block: int, heads: int) -> tuple[int]:
+    """The 1-D grid of every statistics kernel: (batch·heads × blocks over ``length``,), block fastest, so
+    the large batch·heads product never sits on grid dims 1/2 (see _stats_kernels._block_and_head)."""
+    n = heads * triton.cdiv(length, block)
+    if n > GRID_X_MAX:
+        raise ValueError(f"attention statistics: {heads} batch·heads x {triton.cdiv(length, block)} blocks = {n} "
+                         f"programs exceed CUDA's grid limit {GRID_X_MAX}; split the batch")
+    return (n,)
+
+
+def _launch(kernel, grid_, args, consts, cfg, **extra):
     bm, bn, w, s, maxnreg = cfg
     if maxnreg:
         extra["maxnreg"] = maxnreg
-    kernel[grid](*args, **consts, **extra, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    kernel[grid_](*args, **consts, **extra, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
 def stats_fwd(sd: Side, kpm, causal: bool):
@@ -260,9 +273,9 @@ def stats_fwd(sd: Side, kpm, causal: bool):
     tail = (*sd.pack.args(), *sd.strides(), skpm, hq, lq, lk, sd.d, sd.group, sd.scale * LOG2E)
     consts = dict(**sd.consts(), CAUSAL=bool(causal), HAS_KPM=has_kpm, D_PAD=sd.d_pad, IEEE=sd.fp32)
     cfg = _cfg("fwd", q.device, sd.d_pad, sd.fp32, sd.pack.code)
-    _launch(_stats_fwd_kernel, (triton.cdiv(lq, cfg[0]), b * hq), (q, k, lse, ent, sd.alpha, kpm_t, *tail), consts, cfg)
+    _launch(_stats_fwd_kernel, grid(lq, cfg[0], b * hq), (q, k, lse, ent, sd.alpha, kpm_t, *tail), consts, cfg)
     cfg = _cfg("mass", q.device, sd.d_pad, sd.fp32, sd.pack.code)
-    _launch(_stats_mass_kernel, (triton.cdiv(lk, cfg[1]), b * hq), (q, k, lse, mass, sd.alpha, kpm_t, *tail),
+    _launch(_stats_mass_kernel, grid(lk, cfg[1], b * hq), (q, k, lse, mass, sd.alpha, kpm_t, *tail),
             consts, cfg)
     return ent, mass, lse
 
@@ -290,7 +303,7 @@ def kl_fwd(t: Side, s: Side, kpm, causal: bool, temperature: float):
     consts = dict(**s.consts(), **t.consts("_T"), CAUSAL=bool(causal), HAS_KPM=has_kpm, D_PAD=s.d_pad,
                   DT_PAD=t.d_pad, IEEE=s.fp32, IEEE_T=t.fp32)
     cfg = _cfg("klfwd", q.device, *_kl_dims(t, s), s.pack.code)
-    _launch(_kl_fwd_kernel, (triton.cdiv(lq, cfg[0]), b * hq), args, consts, cfg)
+    _launch(_kl_fwd_kernel, grid(lq, cfg[0], b * hq), args, consts, cfg)
     return kl, lse_t, lse_s
 
 
@@ -357,10 +370,10 @@ def score_bwd(s: Side, kpm, causal: bool, lse, gr, *, mu=None, gm=None, teacher:
     consts = dict(KL=kl, **s.consts(), **t.consts("_T"), CAUSAL=bool(causal), HAS_KPM=has_kpm,
                   HAS_GH=has_gh and not kl, HAS_GM=has_gm, D_PAD=s.d_pad, DT_PAD=t.d_pad, IEEE=s.fp32, IEEE_T=t.fp32,
                   NEED_DPRIOR=bool(need_dprior))
-    _launch(_score_bwd_dq_kernel, (triton.cdiv(lq, cfg_dq[0]), b * hq),
+    _launch(_score_bwd_dq_kernel, grid(lq, cfg_dq[0], b * hq),
             (*head, dq, *mid, dpr_q, dpr_q_r, da, nmb, *tail, dq.stride(0), dq.stride(1), dq.stride(2), skpm,
              hq, *sizes), consts, cfg_dq, NEED_DALPHA=bool(need_dalpha))
-    _launch(_score_bwd_dk_kernel, (triton.cdiv(lk, cfg_dk[1]), b * hkv),
+    _launch(_score_bwd_dk_kernel, grid(lk, cfg_dk[1], b * hkv),
             (*head, dk, *mid, dpr_k, dpr_k_r, dl, dl_bh, lag_k, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
              skpm, hq, hkv, *sizes), consts, cfg_dk, LAG_T=2 * max(cfg_dk[0], cfg_dk[1]))
 

@@ -6,6 +6,11 @@ multiples of 16 (the JIT then loads tiles as vectors; the backend declines other
 copies misaligned inputs). d and e are walked in chunks, so one config serves every d, e <= MAX_DIM.
 Under the interpreter (CPU tests) small blocks make ragged edges and multi-chunk loops
 show up at small sizes. Not timed on a GPU yet: these are starting points, not tuned values.
+
+Register allocation differs between Triton versions: the same configs are gated under every version in
+``GATED_TRITON`` (tests/test_triton_routing_compile.py runs under each environment of tests/side_env.py).
+Under another version they are used unverified (a spill makes a kernel slower, not wrong), and
+``describe_table()`` says so.
 """
 
 from __future__ import annotations
@@ -45,6 +50,25 @@ def config(kernel: str, interpreter: bool, fp32: bool = False, arch: int = 90) -
         entry = GPU_SM80.get(kernel, GPU[kernel]) if arch < 90 else GPU[kernel]
     bm, bn, bd, be, bw, warps, stages = entry
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_E=be, BLOCK_W=bw, num_warps=warps, num_stages=stages)
+
+
+GATED_TRITON = ((3, 6), (3, 8))
+
+
+def describe_table() -> str:
+    """Which configs the Triton routing kernels use and whether the installed Triton was gated, for
+    ``python -m rapkern.info``."""
+    from ..triton_attention import _config_tables as T
+
+    v = T.installed_triton()
+    gated = " and ".join("%d.%d" % g for g in GATED_TRITON)
+    base = f"one fixed config per kernel and architecture, compiled spill-free ahead of time under triton {gated}"
+    if v is None:
+        return f"{base}; triton not installed"
+    if T.parse_version(v) in GATED_TRITON:
+        return f"{base}; installed triton {v}: verified"
+    return (f"{base}; installed triton {v}: UNVERIFIED (not gated under this version: a kernel may spill "
+            f"registers, which costs speed, not correctness; run tests/test_triton_routing_compile.py)")
 
 
 def k_pad(k: int) -> int:
