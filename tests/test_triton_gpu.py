@@ -2,7 +2,8 @@
 
 The interpreter grid of test_triton_attention.py runs on the GPU too (it picks CUDA when present); this
 file adds what the interpreter cannot do: bf16, head dims 128 and 256, long sequences (up to 8192),
-autotuned block sizes, and a 100-repeat bitwise determinism check of the backward.
+autotuned block sizes, a 100-repeat bitwise determinism check of the backward, and the torch.compile
+(inductor, fullgraph) path through the registered ops (rapkern/backends/triton_attention/ops.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ pytestmark = [
 ]
 
 if torch.cuda.is_available():  # the helpers pick CUDA tensors on a GPU machine
-    from test_triton_attention import PRIOR_KINDS, _gen, make_prior, padding_mask, qkv, run_case
+    from test_triton_attention import (
+        PRIOR_KINDS,
+        _gen,
+        make_prior,
+        padding_mask,
+        qkv,
+        run_case,
+        skip_if_declined_on_gpu,
+    )
 else:  # pragma: no cover
     PRIOR_KINDS = []
 
@@ -93,3 +102,46 @@ def test_dense_broadcast_and_lag_bf16_dropout_reproducible():
         torch.manual_seed(0)
         b = rapkern.attention(q, k, v, prior=prior, dropout_p=0.1, backend="triton")
         assert torch.equal(a, b)
+
+
+def test_compile_fullgraph_inductor_matches_eager_without_recompiling_or_retuning(monkeypatch):
+    """torch.compile(fullgraph=True) with inductor over rapkern.attention(backend="triton"): the ops
+    (rapkern_triton::attention_fwd/bwd) stay opaque nodes, so out, lse and every gradient equal eager mode
+    bitwise; a second call with new values neither recompiles nor makes the autotuner benchmark again."""
+    from triton.runtime.autotuner import Autotuner
+
+    torch._dynamo.reset()
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 300, 257, 64
+    q, k, v = qkv(b, hq, hkv, lq, lk, d, dtype=torch.float16, seed=70)
+    table = torch.randn(hq, 33, device="cuda", requires_grad=True)
+    alpha = torch.tensor([0.7, 0.0, -1.3, 2.0], device="cuda", requires_grad=True)
+    kpm = padding_mask(b, lk)
+    skip_if_declined_on_gpu(q, k, v, RelativeLagPrior(table), alpha, causal=True, key_padding_mask=kpm)
+
+    def f(q, k, v, table, alpha):
+        return rapkern.attention(q, k, v, prior=RelativeLagPrior(table), alpha=alpha, causal=True,
+                                 key_padding_mask=kpm, backend="triton", return_lse=True)
+
+    leaves = [q, k, v, table, alpha]
+    gout = torch.randn(b, hq, lq, d, device="cuda", dtype=torch.float16)
+    glse = torch.randn(b, hq, lq, device="cuda")
+
+    def run(fn, scale=1.0):
+        out, lse = fn(q * scale, k, v, table, alpha)
+        loss = (out.float() * gout).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * glse).sum()
+        return [out, lse, *torch.autograd.grad(loss, leaves)]
+
+    want = run(f)  # eager first: the autotuner's cache is warm for these launch keys
+    compiled = torch.compile(f, fullgraph=True)
+    got = run(compiled)
+    for name, x, y in zip(["out", "lse", "dq", "dk", "dv", "dtable", "dalpha"], got, want):
+        assert torch.equal(x, y), f"{name}: compiled and eager differ"
+
+    def no_bench(*args, **kwargs):
+        raise AssertionError("the Triton autotuner benchmarked again on a repeated launch key")
+
+    assert hasattr(Autotuner, "_bench")
+    monkeypatch.setattr(Autotuner, "_bench", no_bench)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = run(compiled, scale=0.5)
+    assert not torch.equal(again[0], got[0])

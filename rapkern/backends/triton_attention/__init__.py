@@ -10,7 +10,9 @@ tiles from the LSE in two kernels (dq, and key-major dk/dv), writes prior-gradie
 and reduces them on the host in a fixed order: no atomics anywhere, bitwise-reproducible gradients.
 
 Layering: _fwd_kernel.py / _bwd_kernels.py (@triton.jit, _common.py holds the prior tile) ->
-launch.py (allocation, grids, autotune over configs.py) -> function.py (autograd.Function) -> here.
+launch.py (allocation, grids, autotune over configs.py) -> ops.py (the torch.library ops
+``rapkern_triton::attention_fwd`` / ``attention_bwd`` with fake implementations, so torch.compile with
+fullgraph=True records them as opaque nodes) -> function.py (their autograd) -> here.
 
 Limits (each is a reason, never a crash): fp16/bf16/fp32 (bf16 not under the interpreter); head dims
 D, Dv <= 256; low-rank rank <= 128; a lag table whose gradient is needed
@@ -50,6 +52,14 @@ except Exception as e:  # pragma: no cover - depends on the machine
 MAX_HEAD_DIM = 256
 MAX_RANK = 128
 MAX_LAG_GRAD_ENTRIES = 16385  # scratch grows as B·Hq·Lk·(4W/32 + 6) floats
+
+
+@torch.compiler.assume_constant_result
+def _arch(device: torch.device) -> int:
+    """sm_<arch> of a CUDA device. A constant under torch.compile: Dynamo would otherwise record the
+    capability query as a graph node (it is not one of the functions it constant-folds)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def _routing():
@@ -94,10 +104,9 @@ class TritonBackend(Backend):
                     )
 
         if dev == "cuda" and not why:
-            major, minor = torch.cuda.get_device_capability(p.device)
             grad = torch.is_grad_enabled()
             spill = C.unsupported_reason(
-                major * 10 + minor, max(p.head_dim, p.head_dim_v), p.dtype == torch.float32, p.dropout_p > 0,
+                _arch(p.device), max(p.head_dim, p.head_dim_v), p.dtype == torch.float32, p.dropout_p > 0,
                 p.prior_kind, grad and p.needs_prior_grad, grad and p.needs_alpha_grad and p.prior is not None,
             )
             if spill:

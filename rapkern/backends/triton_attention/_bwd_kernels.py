@@ -35,10 +35,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
-    n_mb = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)  # launch.dq_grid: (b·Hq + h) · n_mb + query block
-    off_bh = pid // n_mb
-    start_m = pid % n_mb
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
     off_b = off_bh // Hq
     off_h = off_bh % Hq
     off_kh = off_h // GROUP
@@ -141,10 +139,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAG_T: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
-    n_nb = tl.cdiv(Lk, BLOCK_N)
-    pid = tl.program_id(0)  # launch.dkdv_grid: (b·Hkv + kv head) · n_nb + key block
-    off_bkh = pid // n_nb
-    start_n = pid % n_nb
+    start_n = tl.program_id(0)
+    off_bkh = tl.program_id(1)
     off_b = off_bkh // Hkv
     off_kh = off_bkh % Hkv
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -227,7 +223,7 @@ def _attn_bwd_dkdv_kernel(
                     dvf += _dot_f32(dsaT, u, IEEE)
         if NEED_DPRIOR:
             if PRIOR == 1:
-                ends_base = DL + off_bh.to(tl.int64) * dl_bh + n_nb * (2 * LAG_K - 1) * LAG_T
+                ends_base = DL + off_bh.to(tl.int64) * dl_bh + tl.num_programs(0) * (2 * LAG_K - 1) * LAG_T
                 tl.store(ends_base + start_n * 2 + tl.arange(0, 2), lag_ends)
             if PRIOR == 3:
                 offs_r = tl.arange(0, R_PAD)

@@ -1,71 +1,65 @@
-"""TritonAttentionFunction: saves tensors and calls the launchers. Nothing else."""
+"""Autograd of ``rapkern_triton::attention_fwd`` (ops.py): saves tensors, calls the backward op. Nothing else.
+
+Registered with ``torch.library.register_autograd``, so eager mode and ``torch.compile`` run the same
+formula: the gradient reaching the LSE (dlse) is honoured, an unused out or lse gets no zero-filled gradient
+(``set_materialize_grads(False)``), the dropout seed travels to the backward as a tensor, α's gradient is
+summed for a scalar α, and differentiating the gradients again raises (base.guard_double_backward).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..base import alpha_grad, apply_attention_function, guard_double_backward
-from .launch import PriorPack, attention_bwd, attention_fwd, reduce_prior_grads
+from ..base import alpha_grad, guard_double_backward
+from .ops import _unit_last, attention_bwd, attention_fwd, prior_args
+
+_SEED_MAX = 2**31 - 1  # the kernels' seed is int32
 
 
-def _unit_last(t):
-    """The kernels' precondition: unit stride in the last dim (a copy only when it is not)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _setup_context(ctx, inputs, output):
+    q, k, v, alpha, kpm, p0, p1, kind, mask_outside, alpha_value, causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, alpha, kpm, p0, p1, seed)
+    ctx.args = (kind, mask_outside, alpha_value, causal, scale, dropout_p)
+    ctx.set_materialize_grads(False)  # an unused out or lse gets no zero-filled gradient
 
 
-class TritonAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cfg, q, k, v, alpha_t, kpm, *prior_tensors):
-        prior = None if cfg["prior"] is None else cfg["prior"].with_tensors(*prior_tensors)
-        alpha = alpha_t if alpha_t is not None else cfg["alpha"]
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-        pack = PriorPack(prior, q)
-        out, lse = attention_fwd(q, k, v, pack, alpha, kpm, cfg["causal"], cfg["scale"], cfg["dropout_p"], cfg["seed"])
-        ctx.cfg = cfg
-        ctx.save_for_backward(q, k, v, out, lse, alpha_t, kpm, *prior_tensors)
-        ctx.set_materialize_grads(False)  # an unused out or lse gets no zero-filled gradient
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        with torch.no_grad():  # the backward is not differentiable: see guard_double_backward
-            grads = TritonAttentionFunction._backward(ctx, dout, dlse)
-        return guard_double_backward(grads, ctx.saved_tensors)
-
-    @staticmethod
-    def _backward(ctx, dout, dlse):
-        q, k, v, out, lse, alpha_t, kpm, *prior_tensors = ctx.saved_tensors
-        cfg = ctx.cfg
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if dlse is not None:  # rows with no key (lse = -inf) have p = 0: whatever reaches them is dropped
-            dlse = dlse.masked_fill(lse == float("-inf"), 0.0)
-        prior = None if cfg["prior"] is None else cfg["prior"].with_tensors(*prior_tensors)
-        alpha = alpha_t if alpha_t is not None else cfg["alpha"]
-        nig = ctx.needs_input_grad
-        need_dprior = prior is not None and any(nig[6:])
-        need_dalpha = alpha_t is not None and nig[4] and prior is not None
-        pack = PriorPack(prior, q)
-        dq, dk, dv, dalpha, grads = attention_bwd(
-            q, k, v, out, lse, dout, pack, alpha, kpm, cfg["causal"], cfg["scale"], cfg["dropout_p"],
-            cfg["seed"], need_dprior, need_dalpha, dlse,
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, alpha, kpm, p0, p1, seed = ctx.saved_tensors
+    kind, mask_outside, alpha_value, causal, scale, dropout_p = ctx.args
+    nig = ctx.needs_input_grad
+    need0, need1 = p0 is not None and nig[5], p1 is not None and nig[6]
+    need_dalpha = alpha is not None and nig[3] and kind != 0
+    with torch.no_grad():  # the backward is not differentiable: see guard_double_backward
+        dq, dk, dv, da, dp0, dp1 = attention_bwd(
+            dout, dlse, q, k, v, out, lse, alpha, kpm, p0, p1, kind, mask_outside, alpha_value, causal, scale,
+            dropout_p, seed, need_dalpha, need0, need1,
         )
-        grads_prior = [None] * len(prior_tensors)
-        if need_dprior:
-            reduced = reduce_prior_grads(prior_tensors, grads, prior.kind)
-            grads_prior = [g if need else None for g, need in zip(reduced, nig[6:])]
-        dalpha_out = alpha_grad(alpha_t, dalpha, q.shape[1], nig[4])
-        return (
+        grads = (
+            dq if nig[0] else None,
+            dk if nig[1] else None,
+            dv if nig[2] else None,
+            alpha_grad(alpha, da if need_dalpha else None, q.shape[1], nig[3]),
             None,
-            dq if nig[1] else None,
-            dk if nig[2] else None,
-            dv if nig[3] else None,
-            dalpha_out,
-            None,
-            *grads_prior,
-        )
+            dp0 if need0 else None,
+            dp1 if need1 else None,
+        ) + (None,) * 7
+    return guard_double_backward(grads, ctx.saved_tensors)
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_attention(p):
-    """Run an ``AttentionProblem`` through the Triton autograd function; returns (out, lse float32)."""
-    return apply_attention_function(TritonAttentionFunction, p, 2**31 - 1)  # the kernels' seed is int32
+    """Run an ``AttentionProblem`` through ``rapkern_triton::attention_fwd``; returns (out, lse float32).
+
+    The dropout seed is drawn from torch's default generator (so ``torch.manual_seed`` reproduces a run) and
+    kept as a tensor for the backward to regenerate the same mask.
+    """
+    alpha_t = p.alpha if isinstance(p.alpha, torch.Tensor) else None
+    alpha_value = 0.0 if alpha_t is not None else float(p.alpha)
+    seed = torch.randint(0, _SEED_MAX, (1,)) if p.dropout_p > 0 else None
+    kind, mask_outside, p0, p1 = prior_args(p.prior)
+    q, k, v = _unit_last(p.q), _unit_last(p.k), _unit_last(p.v)
+    return attention_fwd(q, k, v, alpha_t, p.key_padding_mask, p0, p1, kind, mask_outside, alpha_value,
+                         bool(p.causal), float(p.scale), float(p.dropout_p), seed)

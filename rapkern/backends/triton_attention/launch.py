@@ -68,35 +68,6 @@ _dkdv_tuned = triton.autotune(
 )(_attn_bwd_dkdv_kernel)
 
 
-# CUDA's grid limits per dimension (x, y, z). Every attention kernel folds its programs into dimension x:
-# program id = (b·H + h) · n_blocks + block, so consecutive programs share one head's K/V (or Q) in L2 and
-# B·H is not bounded by the 65,535 of dimensions y and z.
-GRID_LIMITS = (2**31 - 1, 65535, 65535)
-
-
-def _folded_grid(bh: int, n_blocks: int, what: str) -> tuple[int, int, int]:
-    n = bh * n_blocks
-    if n > GRID_LIMITS[0]:
-        raise ValueError(f"{what}: {bh} (batch x heads) x {n_blocks} blocks = {n} programs exceeds CUDA's grid "
-                         f"limit of {GRID_LIMITS[0]}")
-    return (n, 1, 1)
-
-
-def fwd_grid(b: int, hq: int, lq: int, block_m: int) -> tuple[int, int, int]:
-    """Forward kernel: one program per (b·Hq + h, query block of BLOCK_M rows)."""
-    return _folded_grid(b * hq, triton.cdiv(lq, block_m), "attention forward")
-
-
-def dq_grid(b: int, hq: int, lq: int, block_m: int) -> tuple[int, int, int]:
-    """dq kernel: one program per (b·Hq + h, query block of BLOCK_M rows)."""
-    return _folded_grid(b * hq, triton.cdiv(lq, block_m), "attention backward (dq)")
-
-
-def dkdv_grid(b: int, hkv: int, lk: int, block_n: int) -> tuple[int, int, int]:
-    """dk/dv kernel: one program per (b·Hkv + kv head, key block of BLOCK_N keys)."""
-    return _folded_grid(b * hkv, triton.cdiv(lk, block_n), "attention backward (dk/dv)")
-
-
 def _lead_strides(t: torch.Tensor) -> tuple[int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
 
@@ -165,9 +136,11 @@ def attention_fwd(q, k, v, pack: PriorPack, alpha, kpm, causal, scale, dropout_p
     )
     if interpreting() or q.device.type != "cuda":
         bm, bn, w, s = C.INTERPRET_FWD
-        _attn_fwd_kernel[fwd_grid(b, hq, lq, bm)](*args, **const, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        grid = (triton.cdiv(lq, bm), b * hq)
+        _attn_fwd_kernel[grid](*args, **const, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
     else:
-        _fwd_tuned[lambda meta: fwd_grid(b, hq, lq, meta["BLOCK_M"])](*args, **const)
+        grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+        _fwd_tuned[grid](*args, **const)
     return out, lse
 
 
@@ -249,22 +222,22 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
     if lq > 0 and lk > 0 and b * hq > 0:
         if interpreting() or dev.type != "cuda":
             bm, bn, w, s = C.INTERPRET_BWD
-            _attn_bwd_dq_kernel[dq_grid(b, hq, lq, bm)](
+            _attn_bwd_dq_kernel[(triton.cdiv(lq, bm), b * hq)](
                 *dq_args, **common, NEED_DALPHA=bool(need_dalpha), BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s
             )
             if lag_cfg is None:
-                _attn_bwd_dkdv_kernel[dkdv_grid(b, hkv, lk, bn)](
+                _attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn), b * hkv)](
                     *dkdv_args, **common, BLOCK_M=bm, BLOCK_N=bn, LAG_T=2 * max(bm, bn), num_warps=w, num_stages=s,
                 )
         else:
-            _dq_tuned[lambda meta: dq_grid(b, hq, lq, meta["BLOCK_M"])](
+            _dq_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b * hq)](
                 *dq_args, **common, NEED_DALPHA=bool(need_dalpha)
             )
             if lag_cfg is None:
-                _dkdv_tuned[lambda meta: dkdv_grid(b, hkv, lk, meta["BLOCK_N"])](*dkdv_args, **common)
+                _dkdv_tuned[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b * hkv)](*dkdv_args, **common)
         if lag_cfg is not None:
             lb, _, w, s = lag_cfg
-            _attn_bwd_dkdv_kernel[dkdv_grid(b, hkv, lk, lb)](
+            _attn_bwd_dkdv_kernel[(triton.cdiv(lk, lb), b * hkv)](
                 *dkdv_args, **common, BLOCK_M=lb, BLOCK_N=lb, LAG_T=2 * lb, num_warps=w, num_stages=s,
             )
     else:

@@ -60,10 +60,14 @@ def _route_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    """Grid (query blocks, d chunks of BLOCK_W, G): ``U[i, chunk] = Σ_j dX_ij c_j[chunk]`` (fp32)."""
-    pid_m = tl.program_id(0)
+    """Grid (G · query blocks, d chunks of BLOCK_W), block fastest on dim 0:
+    ``U[i, chunk] = Σ_j dX_ij c_j[chunk]`` (fp32)."""
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(N, BLOCK_M)
+    g32 = pid // n_mb  # one division; pid - g·n instead of pid % n keeps the top-k forward spill-free
+    pid_m = pid - g32 * n_mb
+    g = g32.to(tl.int64)
     pid_w = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     acc = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.float32)
@@ -89,12 +93,15 @@ def _route_bwd_dc_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    """Grid (cluster blocks, N_DCHUNK d chunks + e chunks, G): chunk w < N_DCHUNK writes
-    ``V[j, chunk] = Σ_i dX_ij q_i[chunk]``, the others ``dA[j, chunk] = Σ_i p_ij dout_i[chunk]`` (fp32),
-    walking the query blocks in order."""
-    pid_n = tl.program_id(0)
+    """Grid (G · cluster blocks, N_DCHUNK d chunks + e chunks), block fastest on dim 0: chunk w < N_DCHUNK
+    writes ``V[j, chunk] = Σ_i dX_ij q_i[chunk]``, the others ``dA[j, chunk] = Σ_i p_ij dout_i[chunk]``
+    (fp32), walking the query blocks in order."""
+    pid = tl.program_id(0)
+    n_nb = tl.cdiv(NC, BLOCK_N)
+    g32 = pid // n_nb  # one division; pid - g·n instead of pid % n keeps the top-k forward spill-free
+    pid_n = pid - g32 * n_nb
+    g = g32.to(tl.int64)
     pid_w = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     is_v = pid_w < N_DCHUNK
     w0 = tl.where(is_v, pid_w, pid_w - N_DCHUNK) * BLOCK_W
@@ -131,11 +138,14 @@ def _route_topk_bwd_rows_kernel(
     K: tl.constexpr, K_PAD: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Grid (query blocks, G), through the K selected entries of each row: ``dw_t = dout·a[idx_t]``,
+    """Grid (G · query blocks,), block fastest, through the K selected entries of each row: ``dw_t = dout·a[idx_t]``,
     ``dS_t = w_t (dw_t - Σ w dw)``, ``dX_t = dS_t rq rc[idx_t]/τ`` (written, for the cluster side) and
     ``U_i = Σ_t dX_t c[idx_t]`` (fp32)."""
-    pid_m = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(N, BLOCK_M)
+    g32 = pid // n_mb  # one division; pid - g·n instead of pid % n keeps the top-k forward spill-free
+    pid_m = pid - g32 * n_mb
+    g = g32.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     slot = tl.arange(0, K_PAD)

@@ -38,10 +38,15 @@ def _route_fwd_kernel(
     NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Grid (query blocks, e chunks, G). Writes out, and from the first e chunk lse (log2) and rq."""
-    pid_m = tl.program_id(0)
+    """Grid (G · query blocks, e chunks): dim 0 folds the group and the query block (block fastest), so
+    only the small e-chunk count sits on dim 1 (CUDA's limit there is 65,535). Writes out, and from the
+    first e chunk lse (log2) and rq."""
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(N, BLOCK_M)
+    g32 = pid // n_mb  # one division; pid - g·n instead of pid % n keeps the top-k forward spill-free
+    pid_m = pid - g32 * n_mb
+    g = g32.to(tl.int64)
     pid_e = tl.program_id(1)
-    g = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     q_base, c_base, a_base = g * sq_g, g * sc_g, g * sa_g
@@ -83,11 +88,14 @@ def _route_topk_fwd_kernel(
     NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Grid (query blocks, G). A running set of the K largest keys per row (unsorted; its minimum is the
-    admission threshold), then the K winners in (score desc, index asc) order, their softmax and
-    ``Σ_t w_t a[idx_t]`` over e in chunks. Writes out, weights (G, N, K) fp32, indices (G, N, K) int64."""
-    pid_m = tl.program_id(0)
-    g = tl.program_id(1).to(tl.int64)
+    """Grid (G · query blocks,), block fastest. A running set of the K largest keys per row (unsorted; its
+    minimum is the admission threshold), then the K winners in (score desc, index asc) order, their softmax
+    and ``Σ_t w_t a[idx_t]`` over e in chunks. Writes out, weights (G, N, K) fp32, indices (G, N, K) int64."""
+    pid = tl.program_id(0)
+    n_mb = tl.cdiv(N, BLOCK_M)
+    g32 = pid // n_mb  # one division; pid - g·n instead of pid % n keeps the top-k forward spill-free
+    pid_m = pid - g32 * n_mb
+    g = g32.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.arange(0, K_PAD)
     q_base, c_base, a_base = g * sq_g, g * sc_g, g * sa_g

@@ -19,6 +19,52 @@ from ._fwd_kernels import _route_fwd_kernel, _route_topk_fwd_kernel
 
 LOG2E = 1.4426950408889634
 _NORM_EPS = 1e-8
+GRID_X_MAX = 2**31 - 1  # CUDA's limit on grid dim 0; dims 1 and 2 stop at GRID_YZ_MAX
+GRID_YZ_MAX = 65535
+
+
+# ---------------------------------------------------------------------------------------------- grids
+# Large counts (groups x row blocks, segments) go on dim 0, folded with the block index fastest; dim 1
+# holds only d/e chunk counts (<= MAX_DIM / 16). Each launcher's grid is one function so tests can check
+# the limits for any size without launching.
+
+
+def _checked(grid: tuple[int, ...], what: str) -> tuple[int, ...]:
+    if grid[0] > GRID_X_MAX or any(x > GRID_YZ_MAX for x in grid[1:]):
+        raise ValueError(f"lda_route: {what} needs a launch grid {grid}, beyond CUDA's limits "
+                         f"({GRID_X_MAX}, {GRID_YZ_MAX}, {GRID_YZ_MAX}); split the call into smaller batches")
+    return grid
+
+
+def fwd_grid(g: int, n_q: int, e: int, cfg: dict) -> tuple[int, int]:
+    """Dense forward: (G · query blocks, e chunks)."""
+    return _checked((g * triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(e, cfg["BLOCK_E"])), "the forward")
+
+
+def topk_fwd_grid(g: int, n_q: int, cfg: dict) -> tuple[int]:
+    """Top-k forward: (G · query blocks,)."""
+    return _checked((g * triton.cdiv(n_q, cfg["BLOCK_M"]),), "the top-k forward")
+
+
+def dq_grid(g: int, n_q: int, d: int, cfg: dict) -> tuple[int, int]:
+    """Dense backward, query side: (G · query blocks, d chunks)."""
+    return _checked((g * triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_W"])), "the backward")
+
+
+def dc_grid(g: int, n: int, d: int, e: int, cfg: dict) -> tuple[int, int]:
+    """Dense backward, cluster side: (G · cluster blocks, d chunks + e chunks)."""
+    chunks = triton.cdiv(d, cfg["BLOCK_W"]) + triton.cdiv(e, cfg["BLOCK_W"])
+    return _checked((g * triton.cdiv(n, cfg["BLOCK_N"]), chunks), "the backward")
+
+
+def topk_rows_grid(g: int, n_q: int, cfg: dict) -> tuple[int]:
+    """Top-k backward, row side: (G · query blocks,)."""
+    return _checked((g * triton.cdiv(n_q, cfg["BLOCK_M"]),), "the top-k backward")
+
+
+def segment_grid(n_seg: int, width: int, cfg: dict) -> tuple[int, int]:
+    """Segmented sums: (segments = G · clusters, width chunks)."""
+    return _checked((n_seg, triton.cdiv(width, cfg["BLOCK_W"])), "the top-k backward")
 
 
 def interpreting() -> bool:
@@ -69,8 +115,7 @@ def route_fwd(q, c, a, rc, mask, tau: float, normalize: bool):
     lse = torch.empty(g, n_q, dtype=torch.float32, device=q.device)
     rq = torch.empty(g, n_q, dtype=torch.float32, device=q.device)
     cfg = _cfg("fwd", q.dtype)
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(e, cfg["BLOCK_E"]), g)
-    _route_fwd_kernel[grid](
+    _route_fwd_kernel[fwd_grid(g, n_q, e, cfg)](
         q, c, a, rc, m, out, lse, rq, args["N"], args["NC"], args["D"], args["E"], args["sq_g"], args["sq_n"],
         args["sc_g"], args["sc_n"], args["sa_g"], args["sa_n"], out.stride(0), out.stride(1), sm_g, LOG2E / tau,
         **flags, **_launch_kw(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E"),
@@ -86,8 +131,7 @@ def route_topk_fwd(q, c, a, rc, mask, tau: float, normalize: bool, k: int):
     idx = torch.empty(g, n_q, k, dtype=torch.int64, device=q.device)
     rq = torch.empty(g, n_q, dtype=torch.float32, device=q.device)
     cfg = _cfg("topk_fwd", q.dtype)
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), g)
-    _route_topk_fwd_kernel[grid](
+    _route_topk_fwd_kernel[topk_fwd_grid(g, n_q, cfg)](
         q, c, a, rc, m, out, w, idx, rq, args["N"], args["NC"], args["D"], args["E"], args["sq_g"], args["sq_n"],
         args["sc_g"], args["sc_n"], args["sa_g"], args["sa_n"], out.stride(0), out.stride(1), sm_g, LOG2E / tau,
         K=k, K_PAD=C.k_pad(k), **flags, **_launch_kw(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E"),
@@ -106,14 +150,13 @@ def route_bwd(q, c, a, rc, mask, tau, normalize, out, lse, rq, dout):
     common = (args["N"], args["NC"], args["D"], args["E"], args["sq_g"], args["sq_n"], args["sc_g"], args["sc_n"],
               args["sa_g"], args["sa_n"], dout.stride(0), dout.stride(1), sm_g, LOG2E / tau, 1.0 / tau)
     cfg = _cfg("dq", q.dtype)
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_W"]), g)
-    _route_bwd_dq_kernel[grid](q, c, a, dout, rc, m, lse, rq, delta, u, *common, **flags,
-                               **_launch_kw(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E", "BLOCK_W"))
+    blocks = _launch_kw(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E", "BLOCK_W")
+    _route_bwd_dq_kernel[dq_grid(g, n_q, d, cfg)](q, c, a, dout, rc, m, lse, rq, delta, u, *common, **flags, **blocks)
     cfg = _cfg("dc", q.dtype)
     n_dchunk = triton.cdiv(d, cfg["BLOCK_W"])
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), n_dchunk + triton.cdiv(e, cfg["BLOCK_W"]), g)
-    _route_bwd_dc_kernel[grid](q, c, a, dout, rc, m, lse, rq, delta, v, da, *common, n_dchunk, **flags,
-                               **_launch_kw(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E", "BLOCK_W"))
+    blocks = _launch_kw(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_E", "BLOCK_W")
+    _route_bwd_dc_kernel[dc_grid(g, n, d, e, cfg)](q, c, a, dout, rc, m, lse, rq, delta, v, da, *common, n_dchunk,
+                                                   **flags, **blocks)
     return u, v, da
 
 
@@ -122,7 +165,7 @@ def segment_sum(src, rows, wt, offsets, n_seg: int):
     width = src.shape[-1]
     out = torch.empty(n_seg, width, dtype=torch.float32, device=src.device)
     cfg = _cfg("segment", src.dtype)
-    grid = (n_seg, triton.cdiv(width, cfg["BLOCK_W"]))
+    grid = segment_grid(n_seg, width, cfg)
     kw = {"BLOCK_T": cfg["BLOCK_M"], "BLOCK_W": cfg["BLOCK_W"]}
     if not interpreting():
         kw.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -139,7 +182,7 @@ def route_topk_bwd(q, c, a, rc, normalize, tau, w, idx, rq, dout):
     u = torch.empty(g, n_q, d, dtype=torch.float32, device=q.device)
     dx = torch.empty(g, n_q, k, dtype=torch.float32, device=q.device)
     cfg = _cfg("topk_rows", q.dtype)
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), g)
+    grid = topk_rows_grid(g, n_q, cfg)
     kw = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_W": cfg["BLOCK_W"]}
     if not interpreting():
         kw.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
