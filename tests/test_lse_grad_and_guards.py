@@ -65,7 +65,9 @@ def test_lse_gradient(backend, kind, causal, with_out):
 
     def grads(dt, fn, **kw):
         leaves = [helpers.leaf_like(t, dt).requires_grad_(True) for t in base]
-        prior = None if prior64 is None else prior64.with_tensors(*(helpers.leaf_like(t, dt) for t in prior64.tensors()))
+        prior = None if prior64 is None else prior64.with_tensors(
+            *(helpers.leaf_like(t, dt) for t in prior64.tensors())
+        )
         ins = leaves + ([] if prior is None else list(prior.tensors()))
         out, lse = fn(*leaves, prior=prior, causal=causal, key_padding_mask=kpm, return_lse=True, **kw)
         got = torch.autograd.grad(_lse_loss(out, lse, g_out, g_lse), ins, allow_unused=True)

@@ -143,6 +143,7 @@ void fwd_kernel(const Problem& P, T* out, float* lse) {
   const float drop_scale = P.dropout_p > 0 ? static_cast<float>(1.0 / (1.0 - P.dropout_p)) : 1.f;
 
   at::parallel_for(0, P.B * P.Hq * n_qb, 1, [&](int64_t begin, int64_t end) {
+    const SequentialBlas sequential;  // bitwise independent of the thread count (common.h)
     float* s = scratch.get(at::get_thread_num());
     float* m = s + n_s;
     float* l = m + n_m;

@@ -81,7 +81,22 @@
 #include <cstdint>
 #include <limits>
 
+// MKL (torch's BLAS on x86) threads a gemm called outside an OpenMP region, which happens when parallel_for
+// runs a single chunk inline; its split of a product then depends on the thread count. Each work chunk asks for
+// a sequential BLAS for its duration (weak: absent with other BLAS libraries, which then run as they are).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace rapkern::cpu {
+
+struct SequentialBlas {
+  int prev = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+};
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..validate import AttentionProblem, RouteProblem
@@ -78,6 +80,21 @@ def guard_double_backward(grads: tuple, anchors) -> tuple:
     for i, g in zip(idx, guarded):
         out[i] = g
     return tuple(out)
+
+
+def triton_reasons(devices: tuple[str, ...], device_type: str, dtype: torch.dtype) -> list[str]:
+    """The device and dtype reasons every Triton backend shares: CPU tensors only through the interpreter
+    (which has no bfloat16), and only 16/32-bit floats."""
+    why = []
+    if device_type not in devices:
+        why.append(f"device type {device_type!r} not in {devices}")
+    elif device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        why.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+    elif device_type == "cpu" and dtype == torch.bfloat16:
+        why.append("bfloat16 is not supported by the Triton interpreter (CPU tensors)")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        why.append(f"dtype {dtype} not supported (float16, bfloat16, float32)")
+    return why
 
 
 class Backend:

@@ -28,11 +28,9 @@ run or timed on a GPU when this was written.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..base import Backend
+from ..base import Backend, triton_reasons
 from . import configs as C
 
 _IMPORT_ERROR: str | None = None
@@ -81,16 +79,8 @@ class TritonBackend(Backend):
         return None
 
     def attention_reasons(self, p):
-        why = []
         dev = p.device.type
-        if dev not in self.devices:
-            why.append(f"device type {dev!r} not in {self.devices}")
-        elif dev == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            why.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
-        elif dev == "cpu" and p.dtype == torch.bfloat16:
-            why.append("bfloat16 is not supported by the Triton interpreter (CPU tensors)")
-        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            why.append(f"dtype {p.dtype} not supported (float16, bfloat16, float32)")
+        why = triton_reasons(self.devices, dev, p.dtype)
         if p.head_dim > MAX_HEAD_DIM or p.head_dim_v > MAX_HEAD_DIM:
             why.append(f"head dims D = {p.head_dim}, Dv = {p.head_dim_v} must be <= {MAX_HEAD_DIM}")
         if p.prior is not None:

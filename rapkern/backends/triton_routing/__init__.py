@@ -25,11 +25,9 @@ verified numerically only through the Triton interpreter on CPU: **not yet run o
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..base import Backend
+from ..base import Backend, triton_reasons
 from . import configs as C
 
 _IMPORT_ERROR: str | None = None
@@ -53,16 +51,8 @@ class TritonRoutingBackend(Backend):
         return None
 
     def route_reasons(self, p):
-        why = []
         dev = p.device.type
-        if dev not in self.devices:
-            why.append(f"device type {dev!r} not in {self.devices}")
-        elif dev == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            why.append("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
-        elif dev == "cpu" and p.dtype == torch.bfloat16:
-            why.append("bfloat16 is not supported by the Triton interpreter (CPU tensors)")
-        if p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            why.append(f"dtype {p.dtype} not supported (float16, bfloat16, float32)")
+        why = triton_reasons(self.devices, dev, p.dtype)
         d, e = p.q.shape[-1], p.answers.shape[-1]
         if d > C.MAX_DIM or e > C.MAX_DIM:
             why.append(f"feature dims d = {d}, e = {e} must be <= {C.MAX_DIM}")
