@@ -74,7 +74,21 @@ def report() -> str:
             tag = "" if dev in auto else " (explicit only)"
             lines.append(f"      {dev}{tag}: attention {'ok' if not r_attn else '; '.join(r_attn)}"
                          f" | lda_route {'ok' if not r_route else '; '.join(r_route)}")
+    lines += _triton_config_lines()
     return "\n".join(lines)
+
+
+def _triton_config_lines() -> list[str]:
+    """Which spill-free config tables the Triton kernels use under the installed Triton, and whether they were
+    verified for it (an unknown version gets a safe, unverified choice, said here)."""
+    try:
+        from .backends.triton_attention import configs as attn
+        from .backends.triton_attention import stats
+        from .backends.triton_routing import configs as routing
+    except Exception as e:  # triton missing or broken: the backends' lines above say why
+        return ["", f"triton configs: unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
+    return ["", "triton configs:", f"  attention  {attn.describe_table()}", f"  stats      {stats.describe_table()}",
+            f"  routing    {routing.describe_table()}"]
 
 
 def main() -> None:

@@ -156,3 +156,33 @@ def test_fp32_and_dropout_with_gradients_are_declined():
 def test_length_bucket_is_coarse():
     assert C.length_bucket(1) == 64 and C.length_bucket(1000) == 1024 == C.length_bucket(1024)
     assert C.length_bucket(1025) == 2048
+
+
+def test_required_keys_are_verified_and_served():
+    """The plain class of every kernel at head dims 64 and 128 (the benchmarked cases) is verified in the
+    installed Triton's table: compiled spill-free from the current kernel sources, with a config."""
+    if not C.SELECTION.exact:
+        pytest.skip(f"no table generated for the installed triton {C.SELECTION.installed}")
+    req = C.required_keys()
+    assert len(req) == 3 * 2 * 2 * 5
+    stale = sorted(set(req) & set(C.STALE_KEYS))
+    assert not stale, f"required keys stale or missing (tools/gen_triton_configs.py --verify): {stale}"
+    assert all(C.TABLE[k] for k in req), [k for k in req if not C.TABLE[k]]
+
+
+def test_stale_key_of_the_installed_table_is_pruned_at_first_use(monkeypatch):
+    """A key whose entry was compiled from other kernel sources (or is missing) is never picked unchecked: on
+    a GPU its candidates are compiled and loaded first and the spilling ones dropped."""
+    probe = _configs_under(monkeypatch, C.SELECTION.installed)
+    key = "fwd|plain|90|128|1"
+    probe._STALE_SET.add(key)
+    monkeypatch.setattr(probe, "_gpu_checks", lambda: True)
+    seen = []
+
+    def loaded(kernel, cls, prior, d_pad, cfg, dtype="fp16"):
+        seen.append(cfg)
+        return (200, 0) if cfg[0] <= 32 else (255, 24)
+
+    monkeypatch.setattr(_aot, "loaded_spills", loaded)
+    got = probe.configs_for("fwd", 90, 128, "plain", 1)
+    assert seen and got and all(c[0] <= 32 for c in got)

@@ -1,9 +1,9 @@
-"""Launch grids of the routing and statistics kernels within CUDA's limits (dim 0 < 2^31, dims 1/2 <= 65,535).
+"""Launch grids of the routing kernels within CUDA's limits (dim 0 < 2^31, dims 1/2 <= 65,535).
 
-On the CPU: every launcher's grid function, for group / batch·heads counts of 65,536 and beyond, with the
+On the CPU: every launcher's grid function, for group counts of 65,536 and beyond, with the
 GPU and the interpreter block sizes, keeps every dim within the limits and covers every (group, block)
 pair exactly once; a grid beyond dim 0's limit raises a ValueError that says so. On a GPU (``gpu`` mark): one
-launch per kernel family with more than 65,535 groups / batch·heads, against the torch backend.
+launch per kernel family with more than 65,535 groups, against the torch backend.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from rapkern.backends.triton_attention import stats as S  # noqa: E402
 from rapkern.backends.triton_routing import configs as RC  # noqa: E402
 from rapkern.backends.triton_routing import launch as RL  # noqa: E402
 
@@ -36,7 +35,7 @@ def _routing_cfgs():
 
 
 def test_limits_match_cuda():
-    assert RL.GRID_X_MAX == X_MAX and RL.GRID_YZ_MAX == YZ_MAX and S.GRID_X_MAX == X_MAX
+    assert RL.GRID_X_MAX == X_MAX and RL.GRID_YZ_MAX == YZ_MAX
 
 
 @pytest.mark.parametrize("g", GROUPS, ids=[f"G{g}" for g in GROUPS])
@@ -76,30 +75,6 @@ def test_routing_grid_too_large_raises():
         RL.segment_grid(X_MAX + 1, 64, RC.config("segment", False))
 
 
-@pytest.mark.parametrize("bh", GROUPS, ids=[f"BH{g}" for g in GROUPS])
-def test_stats_grids_within_limits(bh):
-    """The statistics kernels' 1-D grids for every configured block and the interpreter's."""
-    blocks = {c[0] for c in S.CONFIGS.values()} | {c[1] for c in S.CONFIGS.values()} | {S.INTERPRET[0]}
-    for length in (1, 97, 4096):
-        for block in blocks:
-            n = bh * triton.cdiv(length, block)
-            if n > X_MAX:  # 2^24 heads x 4096 / 16 blocks: more programs than any grid holds
-                with pytest.raises(ValueError, match="exceed CUDA's grid limit"):
-                    S.grid(length, block, bh)
-                continue
-            grid = S.grid(length, block, bh)
-            _within_limits(grid)
-            assert grid == (n,)
-
-
-def test_stats_grid_too_large_raises():
-    assert S.grid(2**16, 16, 2**15 - 1) == ((2**15 - 1) * 2**12,)
-    with pytest.raises(ValueError, match="attention statistics: .* exceed CUDA's grid limit 2147483647"):
-        S.grid(2**16, 16, 2**19)
-
-
-# ---------------------------------------------------------------------------------------------- GPU launches
-
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -128,22 +103,3 @@ def test_gpu_routing_launch_beyond_65535_groups(top_k):
     for name, x, y in zip(["out", "dq", "dc", "da"], got, want):
         assert torch.isfinite(x).all(), name
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
-
-
-@pytest.mark.gpu
-@needs_gpu
-def test_gpu_stats_launch_beyond_65535_heads():
-    """B·Hq = 4100·16 = 65,600 batch·heads through the statistics forward and backward kernels."""
-    import rapkern
-
-    b, h, lq, lk, d = 4100, 16, 5, 7, 64
-    q, k = (t.detach().half().requires_grad_() for t in _leaves((b, h, lq, d), (b, h, lk, d), seed=2))
-    res = {}
-    for backend in ("triton", "torch"):
-        ent, mass = rapkern.attention_stats(q, k, causal=True, backend=backend)
-        loss = ent.sum() + (mass * torch.linspace(0, 1, lk, device="cuda")).sum()
-        res[backend] = [ent, mass, *torch.autograd.grad(loss, (q, k))]
-    for name, x, y in zip(["entropy", "key_mass", "dq", "dk"], res["triton"], res["torch"]):
-        assert torch.isfinite(x).all(), name
-        torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-3, msg=name)
-

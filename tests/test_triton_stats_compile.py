@@ -10,9 +10,9 @@ heaviest teacher tile in every measurement). Plus one bf16 compile per kernel an
 Resource usage is read with the Triton wheel's ``cuobjdump`` (tests/test_triton_compile.py's machinery);
 the test fails on any register spill or stack use, or shared memory beyond the architecture's limit.
 
-The gate runs under every environment of ``aot_env`` (this one and the triton 3.6 side environment), in a
-subprocess: ``python tests/test_triton_stats_compile.py --gate --json out.json``. ``CONFIGS`` is one table for
-every Triton version, so each version must compile every entry spill-free.
+The gate runs in a subprocess (``python tests/test_triton_stats_compile.py --gate --json out.json``) under each
+environment of ``aot_env`` whose Triton is in ``stats.GATED_TRITON`` (3.8: ``CONFIGS`` was searched there);
+under other versions the configs run unverified, which stats.describe_table() says.
 
 ``python tests/test_triton_stats_compile.py`` searches the candidate blocks (large to small, first that is
 spill-free for every variant on both architectures) and prints the CONFIGS table.
@@ -177,8 +177,15 @@ def gate() -> dict:
 
 
 def test_aot_compile_stats_sm80_sm90(aot_env):
+    """The gate under each environment whose Triton ``stats.GATED_TRITON`` lists; under another version the
+    configs are used unverified and stats.describe_table() (python -m rapkern.info) says so."""
     import side_env
 
+    from rapkern.backends.triton_attention import _config_tables as V
+
+    if V.parse_version(aot_env.triton) not in S.GATED_TRITON:
+        pytest.skip(f"statistics configs are gated under triton {S.GATED_TRITON} only, not {aot_env.triton} "
+                    f"(used unverified there; see stats.describe_table())")
     report = side_env.run_json(aot_env, ["tests/test_triton_stats_compile.py", "--gate"], timeout=3600)
     print(f"\n[{aot_env.name}] triton {report['triton']}")
     print(f"{'arch':>4} {'kernel':>6} {'dtype':>5} {'prior':>7} {'kl':>5} {'D':>4} {'block':>9} {'w':>2} {'s':>2} "

@@ -17,6 +17,11 @@ so a rerun after editing one kernel recompiles only that kernel's keys. ``--dead
 submitting work at that wall-clock time and writes what is done (unfinished keys keep their previous,
 now stale, entries: configs.py then treats them as unverified; tests/test_triton_compile.py lists them).
 Keys are searched in priority order: head dims 64/128 before 256, the plain class before the others.
+
+``--verify`` (the cheap way to refresh stale keys after a kernel edit): a key whose entry (its own, or
+another version's table's for a key this version lacks) is known starts AT that entry and never steps up:
+one compile when the entry still compiles spill-free, a step down the candidates per failure otherwise.
+Keys without any entry get the full search.
 """
 
 from __future__ import annotations
@@ -88,11 +93,13 @@ class Search:
     until one passes. The largest passing one is kept; with keep = 2 also the next spill-free candidate below
     it with a smaller BLOCK_M (a choice for short sequences)."""
 
-    def __init__(self, key, keep, hint=None):
+    def __init__(self, key, keep, hint=None, verify=False):
         self.key, self.keep = key, keep
         self.cands = CANDIDATES["laggrad" if key[1] == "laggrad" else key[0]]
-        h = self.cands.index(tuple(hint)) if hint and tuple(hint) in self.cands else 0
-        self.i = max(0, h - 1)
+        known = bool(hint) and tuple(hint) in self.cands
+        h = self.cands.index(tuple(hint)) if known else 0
+        self.verify = verify and known  # start at the hint, never step up (see --verify)
+        self.i = h if self.verify else max(0, h - 1)
         self.dir = 0  # 0: first compile, -1: stepping up, +1: stepping down, 2: second config
         self.best, self.second = None, None
         self.res = {}
@@ -118,7 +125,7 @@ class Search:
             return
         if ok:
             self.best = self.i
-            if self.dir in (0, -1) and self.i > 0:
+            if self.dir in (0, -1) and self.i > 0 and not self.verify:
                 self.dir, self.i = -1, self.i - 1
                 return
         elif self.dir == 0 or self.dir == 1:
@@ -202,6 +209,8 @@ def main():
     ap.add_argument("--markdown", help="write the table (no compiling) as markdown to this path and exit")
     ap.add_argument("--only", help="comma-separated key prefixes, e.g. 'fwd|plain|90|128'")
     ap.add_argument("--force", action="store_true", help="search every key, even those up to date")
+    ap.add_argument("--verify", action="store_true",
+                    help="start at each key's known entry and never step up (one compile per still-valid entry)")
     ap.add_argument("--deadline", help="HH:MM (local wall clock): submit no compile after it")
     ap.add_argument("--cache", default=str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                                            / "rapkern" / f"aot-triton-{triton.__version__}.json"))
@@ -236,7 +245,7 @@ def main():
     for other in sorted(TABLES.glob("triton_*.py")):  # keys this version has no entry for: another version's
         for k, v in load_existing(other).get("TABLE", {}).items():
             hints.setdefault(k, v)
-    searches = {k: Search(k, args.keep, (hints.get(key_str(k)) or [None])[0]) for k in todo}
+    searches = {k: Search(k, args.keep, (hints.get(key_str(k)) or [None])[0], args.verify) for k in todo}
     pending_keys = list(todo)
     running: dict = {}
     done_keys: list = []

@@ -2,8 +2,7 @@
 
 Logits are those of the attention kernels (``_common._logits``: scale·q kᵀ + α_h·B, every mask as -inf,
 log2 domain, prior read compactly); the KL divides both logit sets by T by folding 1/T into the scale and
-into α. Every kernel runs on a 1-D grid of (batch·heads × blocks) programs, block fastest
-(``_block_and_head``). With p = softmax over the visible keys (s natural logits):
+into α. With p = softmax over the visible keys (s natural logits):
 
 * ``_stats_fwd_kernel`` (one program per query block, b·Hq): one online pass keeps the running max m, Σe and
   a = Σe·(s − m), rescaled when m moves; then lse = m + log l and entropy H = log l − a/l.
@@ -32,16 +31,6 @@ from ._common import _dot, _dot_f32, _key_block_range, _load_factor, _load_rows_
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def _block_and_head(L, BLOCK: tl.constexpr):
-    """(block index, batch·head index) of this program. The grid is 1-D, (B·H · cdiv(L, BLOCK),), block
-    fastest: the large B·H product lives on grid dim 0 (limit 2^31 − 1), never on dims 1/2 (65,535)."""
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(L, BLOCK)
-    bh = pid // n_blocks
-    return pid - bh * n_blocks, bh
 
 
 @triton.jit
@@ -88,7 +77,8 @@ def _stats_fwd_kernel(
     PRIOR: tl.constexpr, MASK_OUT: tl.constexpr, R_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m, off_bh = _block_and_head(Lq, BLOCK_M)
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
     off_b = off_bh // Hq
     off_h = off_bh % Hq
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,7 +127,8 @@ def _stats_mass_kernel(
     PRIOR: tl.constexpr, MASK_OUT: tl.constexpr, R_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, D_PAD: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_n, off_bh = _block_and_head(Lk, BLOCK_N)
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
     off_b = off_bh // Hq
     off_h = off_bh % Hq
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -174,7 +165,8 @@ def _kl_fwd_kernel(
     IEEE: tl.constexpr, IEEE_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Unsuffixed arguments are the student's, ``*t``/``*T`` the teacher's; both logit sets already carry 1/T."""
-    start_m, off_bh = _block_and_head(Lq, BLOCK_M)
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
     off_b = off_bh // Hq
     off_h = off_bh % Hq
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -260,7 +252,8 @@ def _score_bwd_dq_kernel(
 ):
     """Row-major backward. Stats: GR = gH, Mu = μ, GM = gM (b·Hq, Lk), C = c (written here). KL: GR = g (0 on
     rows the teacher does not see), teacher arguments as in _kl_fwd_kernel."""
-    start_m, off_bh = _block_and_head(Lq, BLOCK_M)
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
     off_b = off_bh // Hq
     off_h = off_bh % Hq
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -375,7 +368,8 @@ def _score_bwd_dk_kernel(
 ):
     """Key-major backward, one program per (key block, b·Hkv of the student). Lag-table partials need square
     tiles (BLOCK_M == BLOCK_N) and use the attention dk/dv kernel's slot layout (launch._reduce_lag)."""
-    start_n, off_bkh = _block_and_head(Lk, BLOCK_N)
+    start_n = tl.program_id(0)
+    off_bkh = tl.program_id(1)
     off_b = off_bkh // Hkv
     off_kh = off_bkh % Hkv
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -447,7 +441,7 @@ def _score_bwd_dk_kernel(
                     dvf += _dot_f32(dsaT, u, IEEE)
         if NEED_DPRIOR:
             if PRIOR == 1:
-                ends_base = DL + off_bh.to(tl.int64) * dl_bh + tl.cdiv(Lk, BLOCK_N) * (2 * LAG_K - 1) * LAG_T
+                ends_base = DL + off_bh.to(tl.int64) * dl_bh + tl.num_programs(0) * (2 * LAG_K - 1) * LAG_T
                 tl.store(ends_base + start_n * 2 + tl.arange(0, 2), lag_ends)
             if PRIOR == 3:
                 offs_r = tl.arange(0, R_PAD)

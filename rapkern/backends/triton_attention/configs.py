@@ -58,6 +58,17 @@ def launch_keys() -> list[tuple[str, str, int, int, int]]:
             for d in CLASS_HEAD_DIMS.get(c, HEAD_DIM_BUCKETS) for p in priors]
 
 
+# Keys every gated table must hold verified (compiled from the current kernel sources): the plain class
+# of each kernel at head dims 64 and 128, i.e. the benchmarked forward and training cases. Any other key
+# may be stale or missing: it is then pruned on the GPU at first use (below), never picked unchecked.
+REQUIRED_CLASSES = ("plain",)
+REQUIRED_HEAD_DIMS = (64, 128)
+
+
+def required_keys() -> list[str]:
+    return ["|".join(map(str, k)) for k in launch_keys() if k[1] in REQUIRED_CLASSES and k[3] in REQUIRED_HEAD_DIMS]
+
+
 _PKG = Path(__file__).resolve().parent
 KERNEL_FILES = {"fwd": ("_fwd_kernel.py",), "dq": ("_bwd_kernels.py",), "dkdv": ("_bwd_kernels.py",)}
 

@@ -202,18 +202,49 @@ def _config_reasons(dev: torch.device, kernels, d: int, fp32: bool, prior_kind: 
     return []
 
 
+# The kernels put batch·heads on grid dimension 1 (CUDA's limit 65,535; the attention kernels fold it into
+# dimension 0: a 1-D grid here measured register spills in these kernels, see bench/results/).
+GRID_YZ_MAX = 65535
+
+
+def _grid_reasons(p) -> list[str]:
+    if p.device.type == "cuda" and p.batch * p.heads_q > GRID_YZ_MAX:
+        return [f"batch x heads = {p.batch} x {p.heads_q} = {p.batch * p.heads_q} exceeds the statistics kernels' "
+                f"grid limit {GRID_YZ_MAX} (CUDA grid dimension 1)"]
+    return []
+
+
 def stats_reasons(p) -> list[str]:
     why = _side_reasons(p)
-    return why or _config_reasons(p.device, ("fwd", "mass", "dq", "dk"), p.head_dim, p.dtype == torch.float32,
-                                  p.prior_kind)
+    return why or _grid_reasons(p) or _config_reasons(p.device, ("fwd", "mass", "dq", "dk"), p.head_dim,
+                                                      p.dtype == torch.float32, p.prior_kind)
 
 
 def kl_reasons(p) -> list[str]:
     t, s = p.teacher, p.student
     why = _side_reasons(t, "teacher: ") + _side_reasons(s, "student: ")
     fp32 = torch.float32 in (t.dtype, s.dtype)
-    return why or _config_reasons(p.device, ("klfwd", "dq", "dk"), max(t.head_dim, s.head_dim), fp32,
-                                  s.prior_kind)
+    return why or _grid_reasons(s) or _config_reasons(p.device, ("klfwd", "dq", "dk"), max(t.head_dim, s.head_dim),
+                                                      fp32, s.prior_kind)
+
+
+# Triton versions under which every CONFIGS entry compiled spill-free (tests/test_triton_stats_compile.py).
+GATED_TRITON = ((3, 8),)
+
+
+def describe_table() -> str:
+    """Whether the statistics kernels' configs were gated under the installed Triton (python -m rapkern.info)."""
+    from . import _config_tables as T
+
+    v = T.installed_triton()
+    gated = " and ".join("%d.%d" % g for g in GATED_TRITON)
+    base = f"fixed configs per kernel, compiled spill-free ahead of time under triton {gated}"
+    if v is None:
+        return f"{base}; triton not installed"
+    if T.parse_version(v) in GATED_TRITON:
+        return f"{base}; installed triton {v}: verified"
+    return (f"{base}; installed triton {v}: UNVERIFIED (not gated under this version: an entry may spill "
+            f"registers, which costs speed, not correctness)")
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -238,24 +269,11 @@ class Side:
         return {f"PRIOR{sfx}": self.pack.code, f"MASK_OUT{sfx}": self.pack.mask_out, f"R_PAD{sfx}": self.pack.r_pad}
 
 
-GRID_X_MAX = 2**31 - 1  # CUDA's limit on grid dim 0 (dims 1 and 2 stop at 65,535: not used here)
-
-
-def grid(length: int, block: int, heads: int) -> tuple[int]:
-    """The 1-D grid of every statistics kernel: (batch·heads × blocks over ``length``,), block fastest, so
-    the large batch·heads product never sits on grid dims 1/2 (see _stats_kernels._block_and_head)."""
-    n = heads * triton.cdiv(length, block)
-    if n > GRID_X_MAX:
-        raise ValueError(f"attention statistics: {heads} batch·heads x {triton.cdiv(length, block)} blocks = {n} "
-                         f"programs exceed CUDA's grid limit {GRID_X_MAX}; split the batch")
-    return (n,)
-
-
-def _launch(kernel, grid_, args, consts, cfg, **extra):
+def _launch(kernel, grid, args, consts, cfg, **extra):
     bm, bn, w, s, maxnreg = cfg
     if maxnreg:
         extra["maxnreg"] = maxnreg
-    kernel[grid_](*args, **consts, **extra, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    kernel[grid](*args, **consts, **extra, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
 
 
 def stats_fwd(sd: Side, kpm, causal: bool):
@@ -273,9 +291,9 @@ def stats_fwd(sd: Side, kpm, causal: bool):
     tail = (*sd.pack.args(), *sd.strides(), skpm, hq, lq, lk, sd.d, sd.group, sd.scale * LOG2E)
     consts = dict(**sd.consts(), CAUSAL=bool(causal), HAS_KPM=has_kpm, D_PAD=sd.d_pad, IEEE=sd.fp32)
     cfg = _cfg("fwd", q.device, sd.d_pad, sd.fp32, sd.pack.code)
-    _launch(_stats_fwd_kernel, grid(lq, cfg[0], b * hq), (q, k, lse, ent, sd.alpha, kpm_t, *tail), consts, cfg)
+    _launch(_stats_fwd_kernel, (triton.cdiv(lq, cfg[0]), b * hq), (q, k, lse, ent, sd.alpha, kpm_t, *tail), consts, cfg)
     cfg = _cfg("mass", q.device, sd.d_pad, sd.fp32, sd.pack.code)
-    _launch(_stats_mass_kernel, grid(lk, cfg[1], b * hq), (q, k, lse, mass, sd.alpha, kpm_t, *tail),
+    _launch(_stats_mass_kernel, (triton.cdiv(lk, cfg[1]), b * hq), (q, k, lse, mass, sd.alpha, kpm_t, *tail),
             consts, cfg)
     return ent, mass, lse
 
@@ -303,7 +321,7 @@ def kl_fwd(t: Side, s: Side, kpm, causal: bool, temperature: float):
     consts = dict(**s.consts(), **t.consts("_T"), CAUSAL=bool(causal), HAS_KPM=has_kpm, D_PAD=s.d_pad,
                   DT_PAD=t.d_pad, IEEE=s.fp32, IEEE_T=t.fp32)
     cfg = _cfg("klfwd", q.device, *_kl_dims(t, s), s.pack.code)
-    _launch(_kl_fwd_kernel, grid(lq, cfg[0], b * hq), args, consts, cfg)
+    _launch(_kl_fwd_kernel, (triton.cdiv(lq, cfg[0]), b * hq), args, consts, cfg)
     return kl, lse_t, lse_s
 
 
@@ -370,10 +388,10 @@ def score_bwd(s: Side, kpm, causal: bool, lse, gr, *, mu=None, gm=None, teacher:
     consts = dict(KL=kl, **s.consts(), **t.consts("_T"), CAUSAL=bool(causal), HAS_KPM=has_kpm,
                   HAS_GH=has_gh and not kl, HAS_GM=has_gm, D_PAD=s.d_pad, DT_PAD=t.d_pad, IEEE=s.fp32, IEEE_T=t.fp32,
                   NEED_DPRIOR=bool(need_dprior))
-    _launch(_score_bwd_dq_kernel, grid(lq, cfg_dq[0], b * hq),
+    _launch(_score_bwd_dq_kernel, (triton.cdiv(lq, cfg_dq[0]), b * hq),
             (*head, dq, *mid, dpr_q, dpr_q_r, da, nmb, *tail, dq.stride(0), dq.stride(1), dq.stride(2), skpm,
              hq, *sizes), consts, cfg_dq, NEED_DALPHA=bool(need_dalpha))
-    _launch(_score_bwd_dk_kernel, grid(lk, cfg_dk[1], b * hkv),
+    _launch(_score_bwd_dk_kernel, (triton.cdiv(lk, cfg_dk[1]), b * hkv),
             (*head, dk, *mid, dpr_k, dpr_k_r, dl, dl_bh, lag_k, *tail, dk.stride(0), dk.stride(1), dk.stride(2),
              skpm, hq, hkv, *sizes), consts, cfg_dk, LAG_T=2 * max(cfg_dk[0], cfg_dk[1]))
 
