@@ -149,9 +149,9 @@ def gate(full: bool, workers: int) -> dict:
         stale_required = sorted(set(C.STALE_KEYS) & set(C.required_keys()))
         if stale_required:
             kernels = sorted({k.split("|")[0] for k in stale_required})
-            problems.append(f"{len(stale_required)} required launch keys of the triton {sel.installed} table are missing "
-                            f"or were compiled from other sources of the {', '.join(kernels)} kernels (e.g. "
-                            f"{stale_required[:3]}): run `{sys.executable} tools/gen_triton_configs.py --verify`")
+            problems.append(f"{len(stale_required)} required launch keys of the triton {sel.installed} table are "
+                            f"missing or were compiled from other sources of the {', '.join(kernels)} kernels "
+                            f"(e.g. {stale_required[:3]}): run `{sys.executable} tools/gen_triton_configs.py --verify`")
     if sel.exact:
         problems += table_problems(C.TABLE, {k: v for k, v in C._META.items()} if not full else
                                    {k: (None, [[0, 0]] * len(v)) for k, v in C.TABLE.items()})
