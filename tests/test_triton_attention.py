@@ -169,6 +169,19 @@ def test_fp16(kind):
     run_case(q, k, v, prior=prior, alpha=alpha, causal=True, key_padding_mask=padding_mask(2, lk))
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kind", PRIOR_KINDS)
+def test_wide_heads_prior_ranges_at_half_blocks(kind, causal):
+    """Head dims > 64 (padded to 128) with a prior: the forward runs its prior-reading and boundary key ranges
+    at half a key block and reads key padding unmasked below Lk (_fwd_kernel.NARROW); constant ranges
+    (lag ends, outside the band) at full blocks. Lengths straddle the blocks; Dv != D."""
+    lq, lk = 97, 130
+    q, k, v = qkv(2, 2, 1, lq, lk, 72, 80, seed=70)
+    prior = make_prior(kind, (2,), lq, lk, gen=_gen(71), w=5)
+    alpha = torch.tensor([0.8, -1.1], device=DEVICE, requires_grad=True)
+    run_case(q, k, v, prior=prior, alpha=alpha, causal=causal, key_padding_mask=padding_mask(2, lk, seed=72))
+
+
 def test_fp32_prior_with_fp16_inputs_and_float_alpha():
     """Prior tensors in fp32 while q/k/v are fp16; a Python float alpha; head dims 40/24 (not pow2)."""
     q, k, v = qkv(1, 2, 2, 33, 45, 40, 24, dtype=torch.float16, seed=5)

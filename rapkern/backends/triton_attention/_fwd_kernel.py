@@ -12,7 +12,10 @@ split, as the Triton tutorial splits its causal stages, into ranges that each co
     [m0, hi)  boundary blocks: causal diagonal and ragged key end masked, prior read
 
 Only the last range carries mask tiles; only the read ranges carry prior index tiles; constant ranges
-are the tutorial's loop plus one scalar add. Heads with α = 0 read no prior (except a dense bias, whose
+are the tutorial's loop plus one scalar add. At head dims > 64 with a prior, the read and boundary ranges
+step half a key block (BLOCK_N / 2): the tile stays BLOCK_M x BLOCK_N where no prior is gathered, and the
+gathered tiles stay small where it is (what makes 128 x 64 spill-free on sm_80), and key padding is
+read unmasked (vectorizable) where the keys lie below Lk. Heads with α = 0 read no prior (except a dense bias, whose
 -inf entries mask for every α, and a ``mask_outside`` band, whose edge masks). Query rows beyond Lq are
 computed (never stored) with in-bounds prior rows, so no row mask is needed in the loop. Rows with no
 visible key give out 0 and lse -inf.
@@ -37,12 +40,13 @@ def _fwd_blocks(
     PRIOR: tl.constexpr, MASK_OUT: tl.constexpr, R_PAD: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, READ: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, NARROW: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi). ``MASKED``: causal / ragged-end
     masks; ``READ``: read the prior tile (else add the log2-domain constant ``c_add``). ``STAGES``: software
     pipelining depth (None = the launch's num_stages; running the boundary blocks unpipelined measured
-    more registers, not fewer, on triton 3.8 sm_90)."""
+    more registers, not fewer, on triton 3.8 sm_90). ``NARROW``: the kernel runs its prior ranges at half a
+    key block (wide heads with a prior, see _attn_fwd_kernel)."""
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=STAGES):
@@ -85,7 +89,16 @@ def _fwd_blocks(
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(valid, s, float("-inf"))
         if HAS_KPM:
-            pad = tl.load(kpm_row + offs_n, mask=offs_n < Lk, other=1)
+            if NARROW:
+                # unmasked ranges lie below Lk: an unmasked contiguous load (vectorizable); boundary blocks
+                # read the clamped in-bounds columns (keys beyond Lk are masked above). Measured: spares
+                # registers with a gathered prior at head dim 128, costs some without one (sm_80)
+                if MASKED:
+                    pad = tl.load(kpm_row + start_n + cols)
+                else:
+                    pad = tl.load(kpm_row + offs_n)
+            else:
+                pad = tl.load(kpm_row + offs_n, mask=offs_n < Lk, other=1)
             s = tl.where(pad[None, :] == 0, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: keep exp2 at 0
@@ -180,30 +193,36 @@ def _attn_fwd_kernel(
     a = tl.minimum(tl.maximum(a, lo), m0)
     b = tl.minimum(tl.maximum(b, a), m0)
 
+    # Wide heads with a prior: the ranges that read the prior (near-diagonal / in-band blocks and the boundary
+    # blocks) step BLOCK_N / 2 keys, halving the gathered index / value tiles live next to the score tile; the
+    # constant ranges keep BLOCK_N. Every range bound is a multiple of BLOCK_N, so the steps tile it exactly.
+    NARROW: tl.constexpr = PRIOR != 0 and D_PAD >= 128 and BLOCK_N >= 32
+    BN_R: tl.constexpr = BLOCK_N // 2 if NARROW else BLOCK_N
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, DV_PAD), dtype=tl.float32)
     # boundary blocks first (measured: fewer registers than last, on sm_80 and sm_90, triton 3.8)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, m0, hi, 0.0, alpha2, k_base, v_base, sk_n, sv_n, offs_d, offs_dv, D, DV, offs_m, Lk,
-        kpm_row, P_ptr, p_base, p_rows, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW, u_res, off_bh, dropout_p, seed,
-        qk_scale, PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, DROPOUT, IEEE, BLOCK_M, BLOCK_N, True, True, None)
-
+        acc, l_i, m_i, q, m0, hi, 0.0, alpha2, k_base, v_base, sk_n, sv_n, offs_d, offs_dv, D, DV,
+        offs_m, Lk, kpm_row, P_ptr, p_base, p_rows, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW, u_res, off_bh,
+        dropout_p, seed, qk_scale, PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, DROPOUT, IEEE, BLOCK_M, BN_R,
+        True, True, None, NARROW)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, lo, a, c_lo, alpha2, k_base, v_base, sk_n, sv_n, offs_d, offs_dv, D, DV, offs_m, Lk,
-        kpm_row, P_ptr, p_base, p_rows, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW, u_res, off_bh, dropout_p, seed,
-        qk_scale, PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, DROPOUT, IEEE, BLOCK_M, BLOCK_N, False, False, None)
+        acc, l_i, m_i, q, lo, a, c_lo, alpha2, k_base, v_base, sk_n, sv_n, offs_d, offs_dv, D, DV,
+        offs_m, Lk, kpm_row, P_ptr, p_base, p_rows, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW, u_res, off_bh,
+        dropout_p, seed, qk_scale, PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, DROPOUT, IEEE, BLOCK_M, BLOCK_N,
+        False, False, None, NARROW)
     if PRIOR != 0:
         acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, a, b, 0.0, alpha2, k_base, v_base, sk_n, sv_n, offs_d, offs_dv, D, DV, offs_m, Lk,
-            kpm_row, P_ptr, p_base, p_rows, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW, u_res, off_bh, dropout_p,
-            seed, qk_scale, PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, DROPOUT, IEEE, BLOCK_M, BLOCK_N, False, True,
-            None)
+            acc, l_i, m_i, q, a, b, 0.0, alpha2, k_base, v_base, sk_n, sv_n, offs_d, offs_dv, D, DV,
+            offs_m, Lk, kpm_row, P_ptr, p_base, p_rows, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW, u_res, off_bh,
+            dropout_p, seed, qk_scale, PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, DROPOUT, IEEE, BLOCK_M,
+            BN_R, False, True, None, NARROW)
         acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, b, m0, c_hi, alpha2, k_base, v_base, sk_n, sv_n, offs_d, offs_dv, D, DV, offs_m, Lk,
-            kpm_row, P_ptr, p_base, p_rows, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW, u_res, off_bh, dropout_p,
-            seed, qk_scale, PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, DROPOUT, IEEE, BLOCK_M, BLOCK_N, False, False,
-            None)
+            acc, l_i, m_i, q, b, m0, c_hi, alpha2, k_base, v_base, sk_n, sv_n, offs_d, offs_dv, D, DV,
+            offs_m, Lk, kpm_row, P_ptr, p_base, p_rows, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW, u_res, off_bh,
+            dropout_p, seed, qk_scale, PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, DROPOUT, IEEE, BLOCK_M,
+            BLOCK_N, False, False, None, NARROW)
     dead = l_i == 0.0  # no visible key: output 0, lse -inf
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
