@@ -75,6 +75,23 @@ def test_routing_grid_too_large_raises():
         RL.segment_grid(X_MAX + 1, 64, RC.config("segment", False))
 
 
+def test_stats_kernels_decline_beyond_their_grid_limit():
+    """The statistics / KL kernels keep batch·heads on grid dim 1: beyond 65,535 a CUDA launch is declined with
+    the reason (the torch backend serves it), at and below it is not; CPU (interpreter) launches never are."""
+    from types import SimpleNamespace
+
+    from rapkern.backends.triton_attention import stats as S
+
+    def prob(b, h, dev="cuda"):
+        return SimpleNamespace(device=torch.device(dev), batch=b, heads_q=h)
+
+    assert S.GRID_YZ_MAX == YZ_MAX
+    why = S._grid_reasons(prob(4097, 16))
+    assert why and "4097 x 16 = 65552 exceeds" in why[0] and "65535" in why[0]
+    assert S._grid_reasons(prob(4095, 16)) == [] and S._grid_reasons(prob(1, YZ_MAX)) == []
+    assert S._grid_reasons(prob(4097, 16, "cpu")) == []
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
