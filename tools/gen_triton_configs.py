@@ -7,9 +7,9 @@ fingerprint of the kernel sources it was compiled from.
 
 writes rapkern/backends/triton_attention/_config_tables/triton_<major>_<minor>.py. A key is (kernel, feature
 class, arch, head-dim bucket, prior kind); see configs.py. Per key the largest spill-free candidate (no local
-memory / stack, shared memory within the architecture's limit) is kept, found by stepping up or down the
-candidate list from one step above the previous table's entry (``Search``); with ``--keep 2`` also the next
-spill-free one with a smaller BLOCK_M (a choice for short sequences).
+memory / stack, shared memory within the architecture's limit) is kept, found by stepping down the
+candidate list from the top (``Search``: registers are not monotonic in the tile, so no shortcut from a
+hint); with ``--keep 2`` also the next spill-free one with a smaller BLOCK_M (a choice for short sequences).
 
 Incremental: keys whose recorded fingerprint matches the current kernel sources are kept as they are (unless
 ``--force``), and every compile result is cached in ``--cache`` (per Triton version and kernel fingerprint),
@@ -88,10 +88,9 @@ def _compile(job) -> dict:
 
 
 class Search:
-    """Per key, over the candidates (large to small): start one step above the hint (the key's entry in the
-    previous table, if any, else the top); while candidates pass, step up; after the first failure step down
-    until one passes. The largest passing one is kept; with keep = 2 also the next spill-free candidate below
-    it with a smaller BLOCK_M (a choice for short sequences)."""
+    """Per key, over the candidates (large to small): start at the top (``verify``: at the hint, the key's
+    entry in the previous table, never stepping up) and step down until one passes, which is kept; with
+    keep = 2 also the next spill-free candidate below it with a smaller BLOCK_M (for short sequences)."""
 
     def __init__(self, key, keep, hint=None, verify=False):
         self.key, self.keep = key, keep
@@ -99,7 +98,9 @@ class Search:
         known = bool(hint) and tuple(hint) in self.cands
         h = self.cands.index(tuple(hint)) if known else 0
         self.verify = verify and known  # start at the hint, never step up (see --verify)
-        self.i = h if self.verify else max(0, h - 1)
+        # a full search runs top-down (registers are not monotonic in the tile: (64, 64, 4, 2) may spill where
+        # (128, 64, 8, 2) does not); --verify starts at the known entry
+        self.i = h if self.verify else 0
         self.dir = 0  # 0: first compile, -1: stepping up, +1: stepping down, 2: second config
         self.best, self.second = None, None
         self.res = {}
