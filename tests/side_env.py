@@ -40,6 +40,17 @@ class Env:
                               timeout=timeout)
 
 
+def aot_workers(cap: int = 8) -> int:
+    """Compile processes for an ahead-of-time gate: $RAPKERN_AOT_WORKERS if set (e.g. 1 on a shared machine),
+    else one per CPU up to ``cap``."""
+    env = os.environ.get("RAPKERN_AOT_WORKERS")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"RAPKERN_AOT_WORKERS must be a positive integer, got {env!r}")
+        return int(env)
+    return max(1, min(cap, os.cpu_count() or 1))
+
+
 def side_dir() -> Path:
     return Path(os.environ.get("RAPKERN_TRITON36_ENV") or ROOT / ".venv-triton36")
 

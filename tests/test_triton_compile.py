@@ -247,11 +247,13 @@ def test_table_problems_catches_bad_entries():
 
 
 if __name__ == "__main__":
+    import side_env
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--gate", action="store_true")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--json", required=True)
-    ap.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    ap.add_argument("--workers", type=int, default=side_env.aot_workers())
     a = ap.parse_args()
     rep = gate(a.full or os.environ.get("RAPKERN_AOT_FULL") == "1", a.workers)
     with open(a.json, "w") as f:

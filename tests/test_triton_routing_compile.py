@@ -119,7 +119,9 @@ def _compile_all(cases):
     os.environ["TRITON_INTERPRET"] = "0"  # @triton.jit reads it at import: workers are spawned
     try:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), mp_context=ctx) as pool:
+        import side_env
+
+        with ProcessPoolExecutor(max_workers=side_env.aot_workers(4), mp_context=ctx) as pool:
             return list(pool.map(_compile_one, cases))
     finally:
         if old is None:

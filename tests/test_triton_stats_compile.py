@@ -149,7 +149,9 @@ def _pool(fn, items):
     os.environ["TRITON_INTERPRET"] = "0"
     try:
         ctx = multiprocessing.get_context("spawn")
-        workers = max(1, min(8, os.cpu_count() or 1))
+        import side_env
+
+        workers = side_env.aot_workers()
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             yield from pool.map(fn, items)
     finally:
