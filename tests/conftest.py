@@ -31,3 +31,14 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_caches():
+    """Tests swap the registry and monkeypatch backends' reasons, which a backend promises never change
+    (dispatch caches its verdicts): forget them around every test."""
+    from rapkern import dispatch
+
+    dispatch.clear_caches()
+    yield
+    dispatch.clear_caches()
