@@ -20,6 +20,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class QKProblem:
     """Shape and prior questions shared by the attention and statistics problems (fields q, k, prior, alpha)."""
 
+    __slots__ = ()  # lets a slotted subclass (AttentionProblem) go without a per-instance __dict__
+
     @property
     def batch(self) -> int:
         return self.q.shape[0]
@@ -65,7 +67,7 @@ class QKProblem:
         return isinstance(self.alpha, Tensor) and self.alpha.requires_grad
 
 
-@dataclass
+@dataclass(slots=True)  # built on every call: one object, no __dict__
 class AttentionProblem(QKProblem):
     q: Tensor
     k: Tensor
