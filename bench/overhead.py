@@ -35,6 +35,7 @@ PRIORS = ("none", "lag")
 TARGET_US = 25.0
 TABLE_KEYS = ["prior", "mode"]
 REP_S = 0.02  # one timed repeat: a loop of calls lasting about this long
+PAIRED_REPS = 25  # rounds of (provider loop, raw-op loop) for the paired overhead
 
 
 def providers() -> list[str]:
@@ -163,7 +164,38 @@ def measure_job(params: dict, opts: dict) -> dict:
            "torch_threads_job": torch.get_num_threads()}
     if params["provider"] == P.AUTO:
         row["auto_backend"] = P.auto_choice(x)
+    if params["provider"].startswith("rapkern-") and raw_op_reason() is None:
+        row.update(_paired_overhead(call, x, params["mode"], n, opts))
     return row
+
+
+def _paired_overhead(call, x: dict, mode: str, n: int, opts: dict) -> dict:
+    """The provider and the raw op timed in alternating loops of n calls in this process, PAIRED_REPS rounds:
+    overhead = median over rounds of (provider − raw op) per call. This VM's speed drifts by up to 2x between
+    processes and over seconds; a difference within one round cancels most of that drift, where the difference
+    of two separately measured medians does not."""
+    import statistics
+
+    raw = _raw_op(x, "fwd" if mode == "fwd_grad" else mode)
+    raw()
+    reps = int(opts.get("paired_reps") or PAIRED_REPS)
+
+    def per_call(fn) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = (time.perf_counter() - t0) / n * 1e6
+        for t in x["leaves"]:
+            t.grad = None
+        return dt
+
+    diffs, raws = [], []
+    for _ in range(reps):
+        a, b = per_call(call), per_call(raw)
+        diffs.append(a - b)
+        raws.append(b)
+    return {"overhead_us": statistics.median(diffs), "raw_paired_us": statistics.median(raws),
+            "paired_reps": reps}
 
 
 def make_jobs(provs: list[str]) -> list[Job]:
@@ -193,8 +225,10 @@ def report(rows: list[dict], meta: dict, threads: int, kind: str) -> str:
              f"Machine: {harness.describe_machine(meta)}", "",
              f"Input B=1, H=2, L=8, D=16, fp32, {threads} thread(s); lag prior W=4 with per-head α. Per call: "
              f"median over repeats of a loop of n calls, divided by n. Load average at the end: {harness.load_avg()}.",
-             "", f"overhead = rapkern.attention − raw op (same prior; fwd_grad against the raw forward). "
-                 f"Target ≤ {TARGET_US:.0f} µs.", "",
+             "", f"overhead = rapkern.attention − raw op (same prior; fwd_grad against the raw forward), the "
+                 f"median over {PAIRED_REPS} rounds of alternating loops in one process (raw op µs: its median "
+                 f"there). Target ≤ {TARGET_US:.0f} µs. The fwd+bwd rows include the autograd engine's backward "
+                 "pass (SDPA pays it too: see − sdpa); the target is about the entry (fwd, fwd_grad).", "",
              "| prior | mode | provider | µs per call | sdpa µs | − sdpa | raw op µs | overhead µs | ≤ 25 µs |",
              "|---|---|---|---|---|---|---|---|---|"]
     unavailable = set()
@@ -212,6 +246,9 @@ def report(rows: list[dict], meta: dict, threads: int, kind: str) -> str:
         runs = r.get("auto_backend") or r["provider"][len("rapkern-"):]
         if runs != "cpp":  # the raw op is the C++ kernel: only the cpp path's difference is its overhead
             rr, ovs, verdict = (f"{raw['time_us']:.1f}" if ok(raw) else "—"), f"n/a (runs {runs})", "n/a"
+        elif r.get("overhead_us") is not None and not _isnan(r["overhead_us"]):  # paired, same process
+            ov = r["overhead_us"]
+            rr, ovs, verdict = f"{r['raw_paired_us']:.1f}", f"{ov:.1f}", "pass" if ov <= TARGET_US else "MISS"
         elif ok(raw):
             ov = us - raw["time_us"]
             rr, ovs, verdict = f"{raw['time_us']:.1f}", f"{ov:.1f}", "pass" if ov <= TARGET_US else "MISS"
@@ -238,6 +275,13 @@ def report(rows: list[dict], meta: dict, threads: int, kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _isnan(v) -> bool:
+    try:
+        return math.isnan(float(v))
+    except (TypeError, ValueError):
+        return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="in-process, few calls: a plumbing check, not a measurement")
@@ -254,7 +298,7 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-        opts.update(calls=5, timing={"cpu_min_reps": 2, "cpu_max_reps": 2, "cpu_min_time_s": 0.0})
+        opts.update(calls=5, paired_reps=2, timing={"cpu_min_reps": 2, "cpu_max_reps": 2, "cpu_min_time_s": 0.0})
     meta = harness.machine_info("cpu")
     name = "smoke-overhead" if a.smoke else "overhead"
     csv_path = harness.results_path(f"{name}-{harness.stamp()}", a.out)

@@ -6,6 +6,8 @@
 // outputs non-differentiable with a clear error: rapkern's backward passes have no derivative.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 namespace rapkern {
@@ -37,6 +39,10 @@ const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
 }
 
 Tensor or_undefined(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+// A float32 gradient from the kernels in the dtype of its input (a half prior or float64 alpha).
+Tensor in_dtype_of(const Tensor& grad, const optional<Tensor>& input) {
+  return grad.scalar_type() == (*input).scalar_type() ? grad : grad.to((*input).scalar_type());
+}
 optional<Tensor> or_none(const Tensor& t) {
   return t.defined() ? optional<Tensor>(t) : optional<Tensor>();
 }
@@ -51,75 +57,88 @@ bool needs_grad(std::initializer_list<const Tensor*> ts, std::initializer_list<c
   return false;
 }
 
-// Forward arguments, in schema order; the backward returns one gradient per argument.
-enum Arg : int { Q, K, V, KPM, ALPHA, ALPHA_VALUE, KIND, PRIOR0, PRIOR1, MASK_OUTSIDE, CAUSAL, SCALE, DROPOUT, SEED,
-                 NUM_ARGS };
+// The autograd node of attention_fwd, written as PyTorch's generated nodes are (a Node subclass, its edges and
+// saved tensors set directly): recording a call costs about a microsecond, where torch::autograd::Function's
+// generic CppNode costs ten or more (measured with bench/overhead.py). Edges: q, k, v, alpha, prior0, prior1
+// (an absent optional gives an invalid edge). Inputs are kept as SavedVariables (version-checked); out and lse
+// as detached aliases plus the version they had (holding them with their grad_fn would be a reference cycle),
+// checked the same way, so an in-place change of any of them before backward is an error, not a wrong gradient.
+enum EdgeIndex : size_t { Q, K, V, ALPHA, PRIOR0, PRIOR1, NUM_EDGES };
 
-class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                               const optional<Tensor>& kpm, const optional<Tensor>& alpha, double alpha_value,
-                               int64_t prior_kind, const optional<Tensor>& prior0, const optional<Tensor>& prior1,
-                               bool mask_outside, bool causal, double scale, double dropout_p, int64_t seed) {
-    Tensor out, lse;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(out, lse) = fwd_op().call(q, k, v, kpm, alpha, alpha_value, prior_kind, prior0, prior1,
-                                         mask_outside, causal, scale, dropout_p, seed);
-    }
-    ctx->save_for_backward({q, k, v, out, lse, or_undefined(kpm), or_undefined(alpha), or_undefined(prior0),
-                            or_undefined(prior1)});
-    ctx->saved_data["alpha_value"] = alpha_value;
-    ctx->saved_data["prior_kind"] = prior_kind;
-    ctx->saved_data["mask_outside"] = mask_outside;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["dropout_p"] = dropout_p;
-    ctx->saved_data["seed"] = seed;
-    ctx->set_materialize_grads(false);  // an unused out or lse gets no zero-filled gradient
-    return {out, lse};
+struct AttentionBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable q_, k_, v_, kpm_, alpha_, prior0_, prior1_;
+  Tensor out_, lse_;
+  int64_t out_version_ = 0, lse_version_ = 0;
+  bool has_kpm_ = false, has_alpha_ = false, has_prior0_ = false, has_prior1_ = false;
+  double alpha_value_ = 0.0, scale_ = 1.0, dropout_p_ = 0.0;
+  int64_t prior_kind_ = 0, seed_ = 0;
+  bool mask_outside_ = false, causal_ = false;
+  bool released_ = false;
+
+  std::string name() const override { return "rapkern::AttentionBackward"; }
+
+  void release_variables() override {
+    for (auto* s : {&q_, &k_, &v_, &kpm_, &alpha_, &prior0_, &prior1_}) s->reset_data();
+    out_.reset();
+    lse_.reset();
+    released_ = true;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const optional<Tensor> kpm = or_none(saved[5]), alpha = or_none(saved[6]);
-    const optional<Tensor> prior0 = or_none(saved[7]), prior1 = or_none(saved[8]);
-    const int64_t prior_kind = ctx->saved_data["prior_kind"].toInt();
+  static void check_version(const Tensor& t, int64_t saved, const char* what) {
+    TORCH_CHECK(t._version() == saved, "rapkern.attention: ", what, " was modified by an inplace operation after "
+                "the forward (version ", t._version(), ", saved at version ", saved, "); its gradient would be "
+                "wrong. Modify a clone instead.");
+  }
 
-    // needs_input_grad counts the autograd edges: one per tensor argument that was given (an absent
-    // optional has none).
-    bool need[NUM_ARGS] = {};
-    size_t edge = 0;
-    for (int a : {Q, K, V, KPM, ALPHA, PRIOR0, PRIOR1}) {
-      const bool given = a == KPM ? kpm.has_value() : a == ALPHA ? alpha.has_value()
-                         : a == PRIOR0 ? prior0.has_value() : a == PRIOR1 ? prior1.has_value() : true;
-      if (given) need[a] = ctx->needs_input_grad(edge++);
-    }
-    const bool need_qkv = need[Q] || need[K] || need[V];
-    const bool need_prior = prior_kind != 0 && (need[PRIOR0] || need[PRIOR1]);
-    const bool need_alpha = prior_kind != 0 && need[ALPHA];
+  variable_list apply(variable_list&& grads) override {
+    TORCH_CHECK(!released_, "rapkern.attention: trying to backward through the graph a second time (or to "
+                "access saved tensors after they have been freed); specify retain_graph=True the first time");
+    check_version(out_, out_version_, "the output");
+    check_version(lse_, lse_version_, "the returned lse");
+    const Tensor q = q_.unpack(), k = k_.unpack(), v = v_.unpack();
+    const optional<Tensor> kpm = has_kpm_ ? optional<Tensor>(kpm_.unpack()) : optional<Tensor>();
+    const optional<Tensor> alpha = has_alpha_ ? optional<Tensor>(alpha_.unpack()) : optional<Tensor>();
+    const optional<Tensor> prior0 = has_prior0_ ? optional<Tensor>(prior0_.unpack()) : optional<Tensor>();
+    const optional<Tensor> prior1 = has_prior1_ ? optional<Tensor>(prior1_.unpack()) : optional<Tensor>();
+
+    const bool need_qkv = should_compute_output(Q) || should_compute_output(K) || should_compute_output(V);
+    const bool need_prior = prior_kind_ != 0 && (should_compute_output(PRIOR0) || should_compute_output(PRIOR1));
+    const bool need_alpha = prior_kind_ != 0 && should_compute_output(ALPHA);
+    variable_list result(NUM_EDGES);
+    if (!need_qkv && !need_prior && !need_alpha) return result;
+    if (!grads[0].defined() && !grads[1].defined()) return result;  // neither output was used
 
     // The kernels read dout with unit stride in its last dim; autograd may hand it over expanded (out.sum():
     // all strides 0) or transposed: copy only then.
-    Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out_);
     if (dout.size(-1) > 1 && dout.stride(-1) != 1) dout = dout.contiguous();
     const optional<Tensor> dlse = or_none(grads[1]);
-    auto [dq, dk, dv, dprior0, dprior1, dalpha] = bwd_op().call(
-        dout, dlse, q, k, v, out, lse, kpm, alpha, ctx->saved_data["alpha_value"].toDouble(), prior_kind, prior0,
-        prior1, ctx->saved_data["mask_outside"].toBool(), ctx->saved_data["causal"].toBool(),
-        ctx->saved_data["scale"].toDouble(), ctx->saved_data["dropout_p"].toDouble(),
-        ctx->saved_data["seed"].toInt(), need_qkv, need_prior, need_alpha);
-
-    variable_list result(NUM_ARGS);
-    if (need[Q]) result[Q] = dq;
-    if (need[K]) result[K] = dk;
-    if (need[V]) result[V] = dv;
-    if (need_alpha) result[ALPHA] = dalpha;
-    if (need_prior && need[PRIOR0]) result[PRIOR0] = dprior0;
-    if (need_prior && need[PRIOR1]) result[PRIOR1] = dprior1;
+    auto [dq, dk, dv, dprior0, dprior1, dalpha] =
+        bwd_op().call(dout, dlse, q, k, v, out_, lse_, kpm, alpha, alpha_value_, prior_kind_, prior0, prior1,
+                      mask_outside_, causal_, scale_, dropout_p_, seed_, need_qkv, need_prior, need_alpha);
+    if (should_compute_output(Q)) result[Q] = dq;
+    if (should_compute_output(K)) result[K] = dk;
+    if (should_compute_output(V)) result[V] = dv;
+    if (need_alpha) result[ALPHA] = in_dtype_of(dalpha, alpha);
+    if (need_prior && should_compute_output(PRIOR0)) result[PRIOR0] = in_dtype_of(dprior0, prior0);
+    if (need_prior && should_compute_output(PRIOR1)) result[PRIOR1] = in_dtype_of(dprior1, prior1);
     return result;
   }
+};
+
+// Node pointers are std::shared_ptr up to torch 2.11 and c10::intrusive_ptr later: make one for either.
+using NodePtr = decltype(std::declval<torch::autograd::Edge>().function);
+template <typename N, typename Ptr = NodePtr>
+struct MakeNode;
+template <typename N>
+struct MakeNode<N, std::shared_ptr<torch::autograd::Node>> {
+  // (torch's own deleteNode, which unrolls long graphs, is not declared in every version; this node adds one
+  // level to the destruction of the graph below it)
+  static std::shared_ptr<N> make() { return std::make_shared<N>(); }
+};
+template <typename N>
+struct MakeNode<N, c10::intrusive_ptr<torch::autograd::Node>> {
+  static c10::intrusive_ptr<N> make() { return c10::make_intrusive<N>(); }
 };
 
 class AttentionBackwardFunction : public torch::autograd::Function<AttentionBackwardFunction> {
@@ -150,14 +169,41 @@ std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor&
                                                   const optional<Tensor>& prior0, const optional<Tensor>& prior1,
                                                   bool mask_outside, bool causal, double scale, double dropout_p,
                                                   int64_t seed) {
-  if (!needs_grad({&q, &k, &v}, {&kpm, &alpha, &prior0, &prior1})) {  // inference: no graph to record
+  Tensor out, lse;
+  {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return fwd_op().call(q, k, v, kpm, alpha, alpha_value, prior_kind, prior0, prior1, mask_outside, causal, scale,
-                         dropout_p, seed);
+    std::tie(out, lse) = fwd_op().call(q, k, v, kpm, alpha, alpha_value, prior_kind, prior0, prior1, mask_outside,
+                                       causal, scale, dropout_p, seed);
   }
-  auto r = AttentionFunction::apply(q, k, v, kpm, alpha, alpha_value, prior_kind, prior0, prior1, mask_outside,
-                                    causal, scale, dropout_p, seed);
-  return {r[0], r[1]};
+  if (!needs_grad({&q, &k, &v}, {&alpha, &prior0, &prior1})) return {out, lse};  // inference: no graph
+
+  auto node = MakeNode<AttentionBackward>::make();
+  node->set_next_edges(torch::autograd::collect_next_edges(q, k, v, alpha, prior0, prior1));
+  node->q_ = torch::autograd::SavedVariable(q, false);
+  node->k_ = torch::autograd::SavedVariable(k, false);
+  node->v_ = torch::autograd::SavedVariable(v, false);
+  node->has_kpm_ = kpm.has_value();
+  node->has_alpha_ = alpha.has_value();
+  node->has_prior0_ = prior0.has_value();
+  node->has_prior1_ = prior1.has_value();
+  if (node->has_kpm_) node->kpm_ = torch::autograd::SavedVariable(*kpm, false);
+  if (node->has_alpha_) node->alpha_ = torch::autograd::SavedVariable(*alpha, false);
+  if (node->has_prior0_) node->prior0_ = torch::autograd::SavedVariable(*prior0, false);
+  if (node->has_prior1_) node->prior1_ = torch::autograd::SavedVariable(*prior1, false);
+  node->out_ = out.detach();  // shares out's storage and version counter, not its grad_fn
+  node->lse_ = lse.detach();
+  node->out_version_ = out._version();
+  node->lse_version_ = lse._version();
+  node->alpha_value_ = alpha_value;
+  node->prior_kind_ = prior_kind;
+  node->mask_outside_ = mask_outside;
+  node->causal_ = causal;
+  node->scale_ = scale;
+  node->dropout_p_ = dropout_p;
+  node->seed_ = seed;
+  torch::autograd::set_history(out, node);
+  torch::autograd::set_history(lse, node);
+  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_bwd_autograd(

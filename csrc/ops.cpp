@@ -3,9 +3,13 @@
 // build never takes the CPU kernels down.
 //
 // prior_kind: 0 none, 1 relative lag, 2 banded, 3 low-rank, 4 dense (rapkern/priors.py is the semantics).
-// Prior tensors come as 3-D/4-D views with leading (Bp, Hp), Bp in {1, B}, Hp in {1, Hq}:
-//   lag: prior0 = table (Bp, Hp, 2W+1); banded: prior0 = values (Bp, Hp, Lq, 2w+1);
-//   low-rank: prior0 = u (Bp, Hp, Lq, r), prior1 = v (Bp', Hp', Lk, r); dense: prior0 = bias (Bp, Hp, Lq, Lk).
+// Prior tensors come as the user gave them: any floating dtype (read as float32), any strides, leading dims
+// (), (Hp,) or (Bp, Hp) with Bp in {1, B}, Hp in {1, Hq}, then:
+//   lag: prior0 = table (..., 2W+1); banded: prior0 = values (..., Lq, 2w+1);
+//   low-rank: prior0 = u (..., Lq, r), prior1 = v (..., Lk, r); dense: prior0 = bias (..., Lq, Lk).
+// The forward rejects non-finite compact priors (a dense bias: NaN or +inf) with a ValueError before computing.
+// alpha: None (alpha_value for every head) or a floating tensor of shape () or (Hq,). q, k, v: same dtype
+// (float32, float16, bfloat16 on CPU), any strides.
 #include <torch/library.h>
 
 TORCH_LIBRARY(rapkern, m) {
@@ -14,8 +18,9 @@ TORCH_LIBRARY(rapkern, m) {
       "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, Tensor? alpha, float alpha_value, "
       "int prior_kind, Tensor? prior0, Tensor? prior1, bool mask_outside, bool causal, float scale, "
       "float dropout_p, int seed) -> (Tensor out, Tensor lse)");
-  // dq, dk, dv in the inputs' dtypes; dprior0/dprior1 float32 in the shape of the prior views passed in;
-  // dalpha float32 (Hq,). A gradient not asked for is an empty tensor (numel 0).
+  // dq, dk, dv in the inputs' dtypes; dprior0/dprior1 float32 in the shape of the prior tensors passed in;
+  // dalpha float32 in alpha's shape ((Hq,) when alpha is None). A gradient not asked for is an empty tensor
+  // (numel 0).
   m.def(
       "attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? key_padding_mask, Tensor? alpha, float alpha_value, int prior_kind, Tensor? prior0, "

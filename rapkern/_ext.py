@@ -110,7 +110,8 @@ def _fake_bwd(dout, dlse, q, k, v, out, lse, key_padding_mask, alpha, alpha_valu
     want_prior = need_prior_grad and prior_kind != 0
     dp0 = prior0.new_empty(prior0.shape, dtype=f32) if want_prior and prior0 is not None else _empty_grad(q, f32)
     dp1 = prior1.new_empty(prior1.shape, dtype=f32) if want_prior and prior1 is not None else _empty_grad(q, f32)
-    da = q.new_empty((q.shape[1],), dtype=f32) if need_alpha_grad else _empty_grad(q, f32)
+    alpha_shape = (q.shape[1],) if alpha is None else alpha.shape
+    da = q.new_empty(alpha_shape, dtype=f32) if need_alpha_grad else _empty_grad(q, f32)
     return dq, dk, dv, dp0, dp1, da
 
 

@@ -24,13 +24,35 @@ _REASONS = {
 }
 
 
-_AUTO: dict[tuple, list[Backend]] = {}  # (device type, registry state) -> candidates for "auto"
+_AUTO: dict[str, list[Backend]] = {}  # device type -> candidates for "auto" (cleared by register)
+# (backend name, op, device type, dtype) -> whether a backend with ``verdict_by_device_dtype`` serves that op
+# under "auto" (its reasons and speed rules depend on nothing else, so they are asked once per key)
+_VERDICTS: dict[tuple, bool] = {}
+_ENV = getattr(os.environ, "_data", None)  # CPython's dict behind os.environ: a miss without a KeyError
+_ENV_KEY = os.environ.encodekey("RAPKERN_BACKEND") if hasattr(os.environ, "encodekey") else None
+
+
+def _env_backend() -> str | None:
+    """``RAPKERN_BACKEND`` as set now (read on every call: tests and users change it at run time); a lookup
+    in os.environ's own dict when it has one, since ``os.environ.get`` of an unset name raises and catches a
+    KeyError (about a microsecond, on every call)."""
+    if _ENV is None or _ENV_KEY is None:
+        return os.environ.get("RAPKERN_BACKEND")
+    raw = _ENV.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
 
 
 def register(backend: Backend, *, priority: int) -> None:
     _REGISTRY[backend.name] = backend
     _PRIORITY.insert(min(priority, len(_PRIORITY)), backend.name)
+    clear_caches()
+
+
+def clear_caches() -> None:
+    """Forget the cached "auto" candidates and verdicts (after changing the registry or a backend's reasons by
+    other means than ``register``, e.g. in tests)."""
     _AUTO.clear()
+    _VERDICTS.clear()
 
 
 def backends() -> list[Backend]:
@@ -54,7 +76,7 @@ def choose(op: str, problem, backend: str) -> Backend:
     if method is None:
         raise ValueError(f"unknown op {op!r}; known: {sorted(_REASONS)}")
     if backend == "auto":
-        backend = os.environ.get("RAPKERN_BACKEND") or "auto"
+        backend = _env_backend() or "auto"
     elif not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend != "auto":
@@ -66,24 +88,37 @@ def choose(op: str, problem, backend: str) -> Backend:
             )
         return chosen
     device_type = problem.device.type
-    rules = op == "attention"
     for b in _auto_candidates(device_type):
-        if b.availability() is None and not getattr(b, method)(problem) and not (rules and b.auto_reasons(problem)):
+        if b.availability() is not None:
+            continue
+        if b.verdict_by_device_dtype:
+            key = (b.name, op, device_type, problem.dtype)
+            ok = _VERDICTS.get(key)
+            if ok is None:
+                ok = _VERDICTS[key] = _serves(b, op, method, problem)
+        else:
+            ok = _serves(b, op, method, problem)
+        if ok:
             return b
     raise NotImplementedError(_nothing_fits(op, problem, method, device_type))
 
 
+def _serves(b: Backend, op: str, method: str, problem) -> bool:
+    """Whether "auto" may give ``problem`` to the (available) backend ``b``: no reasons against it and, for
+    attention, no speed rule that sends it on."""
+    return not getattr(b, method)(problem) and not (op == "attention" and b.auto_reasons(problem))
+
+
 def _auto_candidates(device_type: str) -> list[Backend]:
     """Backends "auto" may pick on this device type, in priority order (never the float64 reference)."""
-    key = (device_type, id(_REGISTRY), tuple(_PRIORITY))
-    out = _AUTO.get(key)
+    out = _AUTO.get(device_type)  # register() clears the cache
     if out is None:
         out = []
         for b in backends():
             auto_devices = b.devices if b.auto_devices is None else b.auto_devices
             if b.name != "reference" and device_type in auto_devices:
                 out.append(b)
-        _AUTO[key] = out
+        _AUTO[device_type] = out
     return out
 
 

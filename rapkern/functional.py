@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from . import dispatch
 from .validate import check_attention, check_route
 
@@ -28,11 +30,16 @@ def attention(
     """
     p = check_attention(
         q, k, v, prior=prior, alpha=alpha, causal=causal, key_padding_mask=key_padding_mask,
-        scale=scale, dropout_p=dropout_p,
+        scale=scale, dropout_p=dropout_p, check_values=False,
     )
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    out, lse = dispatch.choose("attention", p, backend).attention(p)
+    chosen = dispatch.choose("attention", p, backend)
+    # The prior's values are checked before any kernel runs: here, or by a kernel that checks them itself
+    # (not while compiling: the graph then carries this check as an in-graph assert).
+    if p.prior is not None and (not chosen.checks_prior_values or torch.compiler.is_compiling()):
+        p.prior.check_values()
+    out, lse = chosen.attention(p)
     return (out, lse) if return_lse else out
 
 

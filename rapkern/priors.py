@@ -44,15 +44,17 @@ def sum_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
 
 
 def _check_leading(name: str, t: Tensor, trailing: int, batch: int, heads: int) -> None:
-    lead = tuple(t.shape[: t.dim() - trailing])
-    if t.dim() < trailing or len(lead) > 2:
+    shape = t.shape
+    n_lead = len(shape) - trailing
+    if n_lead < 0 or n_lead > 2:
         raise ValueError(
             f"{name} must have {trailing} trailing dims and leading dims (), (Hp,) or (Bp, Hp); "
-            f"got shape {tuple(t.shape)}"
+            f"got shape {tuple(shape)}"
         )
-    hp = lead[-1] if lead else 1
-    bp = lead[0] if len(lead) == 2 else 1
-    if hp not in (1, heads) or bp not in (1, batch):
+    hp = shape[n_lead - 1] if n_lead else 1
+    bp = shape[0] if n_lead == 2 else 1
+    if (hp != 1 and hp != heads) or (bp != 1 and bp != batch):
+        lead = tuple(shape[:n_lead])
         raise ValueError(
             f"{name} leading dims {lead} do not broadcast to (B, Hq) = ({batch}, {heads}): "
             f"allowed are (), (Hp,) or (Bp, Hp) with Bp in {{1, {batch}}} and Hp in {{1, {heads}}}"
@@ -120,7 +122,13 @@ class Prior:
         """The same prior over other tensors (used by autograd to pass detached copies)."""
         raise NotImplementedError
 
-    def check(self, batch: int, heads: int, lq: int, lk: int, device: torch.device) -> None:
+    def check(self, batch: int, heads: int, lq: int, lk: int, device: torch.device, values: bool = True) -> None:
+        """Types, devices and shapes; also the values (``check_values``) unless ``values=False`` (a backend
+        whose kernel checks them itself before computing, see ``Backend.checks_prior_values``)."""
+        raise NotImplementedError
+
+    def check_values(self) -> None:
+        """ValueError if a tensor holds values the prior cannot have (see ``_check_values``)."""
         raise NotImplementedError
 
     def lead_shape(self) -> tuple[int, int]:
@@ -176,13 +184,17 @@ class RelativeLagPrior(Prior):
     def window(self) -> int:
         return (self.table.shape[-1] - 1) // 2
 
-    def check(self, batch, heads, lq, lk, device):
+    def check(self, batch, heads, lq, lk, device, values=True):
         _check_tensor("RelativeLagPrior.table", self.table, device)
-        _check_values("RelativeLagPrior.table", self.table)
+        if values:
+            self.check_values()
         _check_leading("RelativeLagPrior.table", self.table, 1, batch, heads)
         n = self.table.shape[-1]
         if n % 2 == 0:
             raise ValueError(f"RelativeLagPrior.table must have odd length 2W+1 in its last dim, got {n}")
+
+    def check_values(self):
+        _check_values("RelativeLagPrior.table", self.table)
 
     def lead_shape(self):
         return tuple(lead4(self.table, 1).shape[:2])
@@ -247,9 +259,10 @@ class BandedPrior(Prior):
     def half_width(self) -> int:
         return (self.values.shape[-1] - 1) // 2
 
-    def check(self, batch, heads, lq, lk, device):
+    def check(self, batch, heads, lq, lk, device, values=True):
         _check_tensor("BandedPrior.values", self.values, device)
-        _check_values("BandedPrior.values", self.values)
+        if values:
+            self.check_values()
         _check_leading("BandedPrior.values", self.values, 2, batch, heads)
         n = self.values.shape[-1]
         if n % 2 == 0:
@@ -258,6 +271,9 @@ class BandedPrior(Prior):
             raise ValueError(
                 f"BandedPrior.values must have Lq = {lq} rows (dim -2), got {self.values.shape[-2]}"
             )
+
+    def check_values(self):
+        _check_values("BandedPrior.values", self.values)
 
     def lead_shape(self):
         return tuple(lead4(self.values, 2).shape[:2])
@@ -321,11 +337,11 @@ class LowRankPrior(Prior):
     def rank(self) -> int:
         return self.u.shape[-1]
 
-    def check(self, batch, heads, lq, lk, device):
+    def check(self, batch, heads, lq, lk, device, values=True):
         _check_tensor("LowRankPrior.u", self.u, device)
         _check_tensor("LowRankPrior.v", self.v, device)
-        _check_values("LowRankPrior.u", self.u)
-        _check_values("LowRankPrior.v", self.v)
+        if values:
+            self.check_values()
         _check_leading("LowRankPrior.u", self.u, 2, batch, heads)
         _check_leading("LowRankPrior.v", self.v, 2, batch, heads)
         if self.u.shape[-2] != lq:
@@ -337,6 +353,10 @@ class LowRankPrior(Prior):
                 f"LowRankPrior.u and LowRankPrior.v must have the same rank (last dim), "
                 f"got {self.u.shape[-1]} and {self.v.shape[-1]}"
             )
+
+    def check_values(self):
+        _check_values("LowRankPrior.u", self.u)
+        _check_values("LowRankPrior.v", self.v)
 
     def lead_shape(self):
         a, b = lead4(self.u, 2).shape[:2], lead4(self.v, 2).shape[:2]
@@ -373,14 +393,18 @@ class DensePrior(Prior):
     def with_tensors(self, bias):
         return DensePrior(bias)
 
-    def check(self, batch, heads, lq, lk, device):
+    def check(self, batch, heads, lq, lk, device, values=True):
         _check_tensor("DensePrior.bias", self.bias, device)
-        _check_values("DensePrior.bias", self.bias, allow_neginf=True)
+        if values:
+            self.check_values()
         _check_leading("DensePrior.bias", self.bias, 2, batch, heads)
         if tuple(self.bias.shape[-2:]) != (lq, lk):
             raise ValueError(
                 f"DensePrior.bias must end in (Lq, Lk) = ({lq}, {lk}), got {tuple(self.bias.shape[-2:])}"
             )
+
+    def check_values(self):
+        _check_values("DensePrior.bias", self.bias, allow_neginf=True)
 
     def lead_shape(self):
         return tuple(lead4(self.bias, 2).shape[:2])

@@ -20,6 +20,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class QKProblem:
     """Shape and prior questions shared by the attention and statistics problems (fields q, k, prior, alpha)."""
 
+    __slots__ = ()  # lets a slotted subclass (AttentionProblem) go without a per-instance __dict__
+
     @property
     def batch(self) -> int:
         return self.q.shape[0]
@@ -65,7 +67,7 @@ class QKProblem:
         return isinstance(self.alpha, Tensor) and self.alpha.requires_grad
 
 
-@dataclass
+@dataclass(slots=True)  # built on every call: one object, no __dict__
 class AttentionProblem(QKProblem):
     q: Tensor
     k: Tensor
@@ -121,10 +123,13 @@ class RouteProblem:
         )
 
 
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)  # a hash lookup per call instead of a scan
+
+
 def _tensor(name: str, t) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
+    if t.dtype not in _SUPPORTED:
         allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
         raise TypeError(f"{name} must have a floating dtype ({allowed}), got {t.dtype}")
     return t
@@ -137,7 +142,10 @@ def _same(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
         raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
 
 
-def check_attention(q, k, v, *, prior, alpha, causal, key_padding_mask, scale, dropout_p) -> AttentionProblem:
+def check_attention(q, k, v, *, prior, alpha, causal, key_padding_mask, scale, dropout_p,
+                    check_values: bool = True) -> AttentionProblem:
+    """``check_values=False`` leaves the prior's values to the caller (``Prior.check_values``), e.g. for a
+    backend whose kernel checks them."""
     # Runs on every call: each tensor attribute is read once, and messages are built only on failure.
     q, k, v = _tensor("q", q), _tensor("k", k), _tensor("v", v)
     qs, ks, vs = q.shape, k.shape, v.shape
@@ -204,7 +212,7 @@ def check_attention(q, k, v, *, prior, alpha, causal, key_padding_mask, scale, d
                 "prior must be None or a rapkern prior (RelativeLagPrior, BandedPrior, LowRankPrior, "
                 f"DensePrior), got {type(prior).__name__}"
             )
-        prior.check(b, hq, lq, lk, device)
+        prior.check(b, hq, lq, lk, device, values=check_values)
 
     return AttentionProblem(q, k, v, prior, alpha, causal, key_padding_mask, scale, float(dropout_p))
 

@@ -33,6 +33,17 @@ def _one_intra_op_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_caches():
+    """Tests swap the registry and monkeypatch backends' reasons, which a backend promises never change
+    (dispatch caches its verdicts): forget them around every test."""
+    from rapkern import dispatch
+
+    dispatch.clear_caches()
+    yield
+    dispatch.clear_caches()
+
+
 @pytest.fixture(scope="session", params=["default", "triton-3.6"])
 def aot_env(request):
     """A Python environment for the ahead-of-time compile gates: this one, and the triton 3.6 side

@@ -622,6 +622,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t b = 0; b < P.B; ++b) acc += part[b * P.Hq + h];
       y[h] = static_cast<float>(acc);
     }
+    if (alpha.has_value() && alpha->dim() == 0) dalpha = dalpha.sum();  // one alpha shared by every head
   }
   at::Tensor dq, dk, dv;
   if (need_qkv_grad) {

@@ -238,6 +238,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      bool causal, double scale, double dropout_p, int64_t seed) {
   const Problem P = make_problem("rapkern::attention_fwd", q, k, v, key_padding_mask, alpha, alpha_value,
                                  prior_kind, prior0, prior1, mask_outside, causal, scale, dropout_p, seed);
+  check_prior_values(P);
   at::Tensor out = at::empty({P.B, P.Hq, P.Lq, P.Dv}, q.options());
   at::Tensor lse = at::empty({P.B, P.Hq, P.Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};

@@ -11,7 +11,14 @@
 //   make_problem(op, q, k, v, key_padding_mask, alpha, alpha_value, prior_kind, prior0, prior1,
 //                mask_outside, causal, scale, dropout_p, seed)
 //                                 TORCH_CHECKs every precondition of the contract shared by fwd and bwd
-//                                 (messages name `op` and the argument), then fills a Problem.
+//                                 (messages name `op` and the argument), then fills a Problem. It also
+//                                 establishes the kernels' layouts, so the Python call site needs no
+//                                 conversion ops (a per-call cost): q/k/v with a non-unit last stride are
+//                                 copied, a () alpha is read with stride 0, a prior's missing leading dims
+//                                 count as 1 and a non-float32 alpha or prior is converted (the Problem
+//                                 holds the copies).
+//   check_prior_values(P)         ValueError (named as in rapkern/priors.py) if a compact prior holds NaN or
+//                                 ±inf, or a dense bias NaN or +inf: the forward's up-front value check.
 //   Problem::alpha_of(h)          alpha of query head h (float).
 //   Problem::kv_head(h)           GQA: kv head of query head h.
 //   Problem::q_ptr/k_ptr/v_ptr<T>(b, h, row)   typed pointers (h is the q head for q, the kv head for k, v).
@@ -79,6 +86,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 
 // MKL (torch's BLAS on x86) threads a gemm called outside an OpenMP region, which happens when parallel_for
@@ -131,6 +139,8 @@ struct Problem {
   double dropout_p = 0.0;
   uint64_t seed = 0;
 
+  at::Tensor held[6];  // copies made by make_problem (q, k, v, alpha, prior0, prior1) that the pointers use
+
   float alpha_of(int64_t h) const { return alpha ? alpha[h * alpha_s] : alpha_value; }
   int64_t kv_head(int64_t h) const { return h / group; }
   template <typename T>
@@ -154,52 +164,71 @@ inline void check_qkv_like(const char* op, const char* name, const at::Tensor& t
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (B, H, L, D), got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
               ", got ", t.scalar_type());
-  TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, op, ": ", name, " must have last-dim stride 1, got strides ",
-              t.strides());
 }
 
-inline View4 make_view(const char* op, const char* name, const at::Tensor& t, int64_t trailing, int64_t B,
-                       int64_t Hq) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 2 + trailing, op, ": ", name, " must have ", 2 + trailing,
-              " dims (Bp, Hp, ...), got shape ", t.sizes());
-  int64_t bp = t.size(0), hp = t.size(1);
+// t itself when its last dim has unit stride (or size <= 1), else a contiguous copy kept in `held`.
+inline const at::Tensor& unit_last(const at::Tensor& t, at::Tensor& held) {
+  if (t.size(-1) <= 1 || t.stride(-1) == 1) return t;
+  held = t.contiguous();
+  return held;
+}
+
+// t itself when float32, else a float32 copy kept in `held`.
+inline const at::Tensor& as_f32(const at::Tensor& t, at::Tensor& held) {
+  if (t.scalar_type() == at::kFloat) return t;
+  held = t.to(at::kFloat);
+  return held;
+}
+
+inline View4 make_view(const char* op, const char* name, const at::Tensor& t_in, int64_t trailing, int64_t B,
+                       int64_t Hq, at::Tensor& held) {
+  TORCH_CHECK(t_in.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t_in.device());
+  TORCH_CHECK(at::isFloatingType(t_in.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+              t_in.scalar_type());
+  const int64_t lead = t_in.dim() - trailing;
+  TORCH_CHECK(lead >= 0 && lead <= 2, op, ": ", name, " must have ", trailing,
+              " trailing dims after leading dims (), (Hp,) or (Bp, Hp), got shape ", t_in.sizes());
+  const at::Tensor& t = as_f32(t_in, held);
+  const int64_t bp = lead == 2 ? t.size(0) : 1, hp = lead >= 1 ? t.size(lead - 1) : 1;
+  const int64_t t_sb = lead == 2 ? t.stride(0) : 0, t_sh = lead >= 1 ? t.stride(lead - 1) : 0;
   TORCH_CHECK((bp == 1 || bp == B) && (hp == 1 || hp == Hq), op, ": ", name, " leading dims (", bp, ", ", hp,
               ") must be (Bp, Hp) with Bp in {1, ", B, "} and Hp in {1, ", Hq, "}");
   View4 w;
   w.data = t.data_ptr<float>();
   w.bp = bp;
   w.hp = hp;
-  w.sb = bp == 1 ? 0 : t.stride(0);
-  w.sh = hp == 1 ? 0 : t.stride(1);
+  w.sb = bp == 1 ? 0 : t_sb;
+  w.sh = hp == 1 ? 0 : t_sh;
   if (trailing == 1) {
     w.rows = 1;
-    w.cols = t.size(2);
+    w.cols = t.size(lead);
     w.sr = 0;
-    w.sc = t.stride(2);
+    w.sc = t.stride(lead);
   } else {
-    w.rows = t.size(2);
-    w.cols = t.size(3);
-    w.sr = t.stride(2);
-    w.sc = t.stride(3);
+    w.rows = t.size(lead);
+    w.cols = t.size(lead + 1);
+    w.sr = t.stride(lead);
+    w.sc = t.stride(lead + 1);
   }
   return w;
 }
 
-inline Problem make_problem(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+inline Problem make_problem(const char* op, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                             const std::optional<at::Tensor>& key_padding_mask,
                             const std::optional<at::Tensor>& alpha, double alpha_value, int64_t prior_kind,
                             const std::optional<at::Tensor>& prior0, const std::optional<at::Tensor>& prior1,
                             bool mask_outside, bool causal, double scale, double dropout_p, int64_t seed) {
-  TORCH_CHECK(q.device().is_cpu(), op, ": q must be a CPU tensor, got device ", q.device());
-  auto dt = q.scalar_type();
+  TORCH_CHECK(q_in.device().is_cpu(), op, ": q must be a CPU tensor, got device ", q_in.device());
+  auto dt = q_in.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
               ": q dtype must be float32, float16 or bfloat16, got ", dt);
-  check_qkv_like(op, "q", q, q);
-  check_qkv_like(op, "k", k, q);
-  check_qkv_like(op, "v", v, q);
+  check_qkv_like(op, "q", q_in, q_in);
+  check_qkv_like(op, "k", k_in, q_in);
+  check_qkv_like(op, "v", v_in, q_in);
   Problem P;
+  const at::Tensor& q = unit_last(q_in, P.held[0]);
+  const at::Tensor& k = unit_last(k_in, P.held[1]);
+  const at::Tensor& v = unit_last(v_in, P.held[2]);
   P.dtype = dt;
   P.B = q.size(0);
   P.Hq = q.size(1);
@@ -236,11 +265,13 @@ inline Problem make_problem(const char* op, const at::Tensor& q, const at::Tenso
   if (alpha.has_value()) {
     const auto& a = *alpha;
     TORCH_CHECK(a.device().is_cpu(), op, ": alpha must be a CPU tensor, got device ", a.device());
-    TORCH_CHECK(a.scalar_type() == at::kFloat, op, ": alpha must be float32, got ", a.scalar_type());
-    TORCH_CHECK(a.dim() == 1 && a.size(0) == P.Hq, op, ": alpha must have shape (Hq,) = (", P.Hq, ",), got ",
-                a.sizes());
-    P.alpha = a.data_ptr<float>();
-    P.alpha_s = a.stride(0);
+    TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": alpha must be a floating tensor, got ",
+                a.scalar_type());
+    TORCH_CHECK(a.dim() == 0 || (a.dim() == 1 && a.size(0) == P.Hq), op, ": alpha must have shape () or (Hq,) = (",
+                P.Hq, ",), got ", a.sizes());
+    const at::Tensor& a32 = as_f32(a, P.held[3]);
+    P.alpha = a32.data_ptr<float>();
+    P.alpha_s = a32.dim() == 0 ? 0 : a32.stride(0);
   }
   P.alpha_value = static_cast<float>(alpha_value);
 
@@ -257,25 +288,25 @@ inline Problem make_problem(const char* op, const at::Tensor& q, const at::Tenso
   }
   TORCH_CHECK(!mask_outside || prior_kind == kBanded, op, ": mask_outside is only valid with prior_kind 2 (banded)");
   if (prior_kind == kLag) {
-    P.p0 = make_view(op, "prior0 (lag table)", *prior0, 1, P.B, P.Hq);
+    P.p0 = make_view(op, "prior0 (lag table)", *prior0, 1, P.B, P.Hq, P.held[4]);
     TORCH_CHECK(P.p0.cols % 2 == 1, op, ": prior0 (lag table) last dim must be odd (2W+1), got ", P.p0.cols);
     P.half = (P.p0.cols - 1) / 2;
   } else if (prior_kind == kBanded) {
-    P.p0 = make_view(op, "prior0 (band values)", *prior0, 2, P.B, P.Hq);
+    P.p0 = make_view(op, "prior0 (band values)", *prior0, 2, P.B, P.Hq, P.held[4]);
     TORCH_CHECK(P.p0.cols % 2 == 1, op, ": prior0 (band values) last dim must be odd (2w+1), got ", P.p0.cols);
     TORCH_CHECK(P.p0.rows == P.Lq, op, ": prior0 (band values) must have Lq = ", P.Lq, " rows, got ",
                 P.p0.rows);
     P.half = (P.p0.cols - 1) / 2;
   } else if (prior_kind == kLowRank) {
-    P.p0 = make_view(op, "prior0 (low-rank u)", *prior0, 2, P.B, P.Hq);
-    P.p1 = make_view(op, "prior1 (low-rank v)", *prior1, 2, P.B, P.Hq);
+    P.p0 = make_view(op, "prior0 (low-rank u)", *prior0, 2, P.B, P.Hq, P.held[4]);
+    P.p1 = make_view(op, "prior1 (low-rank v)", *prior1, 2, P.B, P.Hq, P.held[5]);
     TORCH_CHECK(P.p0.rows == P.Lq, op, ": prior0 (low-rank u) must have Lq = ", P.Lq, " rows, got ", P.p0.rows);
     TORCH_CHECK(P.p1.rows == P.Lk, op, ": prior1 (low-rank v) must have Lk = ", P.Lk, " rows, got ", P.p1.rows);
     TORCH_CHECK(P.p0.cols == P.p1.cols, op, ": prior0 (u) and prior1 (v) must have the same rank, got ",
                 P.p0.cols, " and ", P.p1.cols);
     P.half = P.p0.cols;
   } else if (prior_kind == kDense) {
-    P.p0 = make_view(op, "prior0 (dense bias)", *prior0, 2, P.B, P.Hq);
+    P.p0 = make_view(op, "prior0 (dense bias)", *prior0, 2, P.B, P.Hq, P.held[4]);
     TORCH_CHECK(P.p0.rows == P.Lq && P.p0.cols == P.Lk, op, ": prior0 (dense bias) must end in (Lq, Lk) = (",
                 P.Lq, ", ", P.Lk, "), got (", P.p0.rows, ", ", P.p0.cols, ")");
   }
@@ -286,6 +317,60 @@ inline Problem make_problem(const char* op, const at::Tensor& q, const at::Tenso
   P.dropout_p = dropout_p;
   P.seed = static_cast<uint64_t>(seed);
   return P;
+}
+
+// Entries of a float32 view that a prior may not hold: non-finite, or for a dense bias NaN or +inf (-inf is a
+// mask there). One pass, parallel over rows for a large dense bias.
+inline int64_t count_bad_values(const View4& w, bool allow_neginf) {
+  const int64_t nrows = w.bp * w.hp * w.rows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(w.cols, 1));
+  return at::parallel_reduce(
+      0, nrows, grain, int64_t{0},
+      [&](int64_t r0, int64_t r1, int64_t acc) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t b = r / (w.hp * w.rows), h = (r / w.rows) % w.hp, i = r % w.rows;
+          const float* row = w.data + b * w.sb + h * w.sh + i * w.sr;
+          for (int64_t c = 0; c < w.cols; ++c) {
+            const float x = row[c * w.sc];
+            acc += allow_neginf ? (std::isnan(x) || x == -kNegInf) : !std::isfinite(x);
+          }
+        }
+        return acc;
+      },
+      std::plus<int64_t>());
+}
+
+inline void check_values_of(const View4& w, const char* name, bool allow_neginf) {
+  const int64_t bad = count_bad_values(w, allow_neginf);
+  if (allow_neginf) {
+    TORCH_CHECK_VALUE(bad == 0, name, " must not contain NaN or +inf; got ", bad, " such entries");
+  } else {
+    TORCH_CHECK_VALUE(bad == 0, name, " must not contain non-finite values (NaN or \u00b1inf); to exclude keys "
+                      "use causal=, key_padding_mask=, BandedPrior(mask_outside=True) or -inf entries of a "
+                      "DensePrior; got ", bad, " such entries");
+  }
+}
+
+// The up-front value check of rapkern/priors.py (_check_values), with its names and messages: alpha·(±inf) has
+// no meaning for alpha = 0, so compact priors must be finite; a dense bias may hold -inf (a mask).
+inline void check_prior_values(const Problem& P) {
+  switch (P.kind) {
+    case kLag:
+      check_values_of(P.p0, "RelativeLagPrior.table", false);
+      break;
+    case kBanded:
+      check_values_of(P.p0, "BandedPrior.values", false);
+      break;
+    case kLowRank:
+      check_values_of(P.p0, "LowRankPrior.u", false);
+      check_values_of(P.p1, "LowRankPrior.v", false);
+      break;
+    case kDense:
+      check_values_of(P.p0, "DensePrior.bias", true);
+      break;
+    default:
+      break;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------- blocks

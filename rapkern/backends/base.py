@@ -114,6 +114,12 @@ class Backend:
     supports_prior_grad: bool = True
     supports_dropout: bool = True
     deterministic: bool = True
+    # The kernel itself rejects bad prior values (Prior.check_values's errors) before computing, so
+    # rapkern.attention skips the Python check (a reduction and a host read per call) for this backend.
+    checks_prior_values: bool = False
+    # Every ``*_reasons`` and ``auto_reasons`` answer depends only on the device type and dtype of the input
+    # (and on ``availability``): "auto" then asks once per (op, device type, dtype) and remembers.
+    verdict_by_device_dtype: bool = False
 
     def availability(self) -> str | None:
         """None if the backend can run on this machine at all, else why not."""

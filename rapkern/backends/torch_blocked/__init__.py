@@ -13,6 +13,7 @@ class TorchBackend(Backend):
     devices = ("cpu", "cuda")
     dtypes = ("float16", "bfloat16", "float32", "float64")
     deterministic = True
+    verdict_by_device_dtype = True
 
     def attention_reasons(self, p):
         if p.device.type not in self.devices:
