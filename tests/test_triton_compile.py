@@ -56,10 +56,12 @@ def _pow2(n) -> bool:
 
 def table_problems(table: dict, meta: dict) -> list[str]:
     """Everything wrong with a table that needs no compiler: missing required or unknown keys, entries outside
-    the kernels' constraints, records that are missing or show a spill-prone resource use."""
+    the kernels' constraints, records of current entries (and required keys) that are missing or show a
+    spill-prone resource use. Stale entries (compiled from other kernel sources) need no record."""
     bad, unrecorded = [], []
     want = {"|".join(map(str, k)) for k in C.launch_keys()}
-    missing, extra = sorted(set(C.required_keys()) - set(table)), sorted(set(table) - want)
+    required, fps = set(C.required_keys()), C.kernel_fingerprints()
+    missing, extra = sorted(required - set(table)), sorted(set(table) - want)
     if missing:
         bad.append(f"{len(missing)} required launch keys missing from the table, e.g. {missing[:5]}")
     if extra:
@@ -85,8 +87,11 @@ def table_problems(table: dict, meta: dict) -> list[str]:
         if len(set(map(tuple, cfgs))) != len(cfgs):
             bad.append(f"{key}: duplicate configs {cfgs}")
         rec = meta.get(key)
+        if rec is not None and rec[0] is not None and rec[0] != fps.get(kernel):
+            continue  # stale entry: never picked unchecked (pruned on the GPU at first use), its record is moot
         if rec is None or len(rec[1]) != len(cfgs):
-            unrecorded.append(key)
+            if key in required or (rec is not None and rec[0] is not None):
+                unrecorded.append(key)
             continue
         for cfg, (regs, smem) in zip(cfgs, rec[1]):
             if regs > MAX_REGS or smem > SMEM_LIMIT[int(arch)]:
@@ -241,9 +246,12 @@ def test_table_problems_catches_bad_entries():
     table["fwd|plain|80|64|1"], meta["fwd|plain|80|64|1"] = [(8, 64, 4, 2)], (None, [[100, 0]])
     table["dq|plain|80|64|1"], meta["dq|plain|80|64|1"] = [(64, 64, 4, 2)], (None, [[100, 999999]])
     table["fwd|plain|90|64|0"] = [(64, 64, 4, 2)]  # no record
+    table["fwd|dropout|90|64|1"], meta["fwd|dropout|90|64|1"] = [(64, 64, 4, 2)], ("0" * 16, [])  # stale: moot
     msgs = "\n".join(table_problems(table, meta))
     assert "must be square" in msgs and "powers of two" in msgs and "out of range" in msgs
-    assert "no resource record" in msgs
+    assert "no resource record" in msgs and "fwd|plain|90|64|0" in msgs and "fwd|dropout|90|64|1" not in msgs
+    del table["fwd|plain|90|64|0"]  # a required key
+    assert "required launch keys missing" in "\n".join(table_problems(table, meta))
 
 
 if __name__ == "__main__":
