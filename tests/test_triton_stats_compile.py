@@ -11,8 +11,9 @@ Resource usage is read with the Triton wheel's ``cuobjdump`` (tests/test_triton_
 the test fails on any register spill or stack use, or shared memory beyond the architecture's limit.
 
 The gate runs in a subprocess (``python tests/test_triton_stats_compile.py --gate --json out.json``) under each
-environment of ``aot_env`` whose Triton is in ``stats.GATED_TRITON`` (3.8: ``CONFIGS`` was searched there);
-under other versions the configs run unverified, which stats.describe_table() says.
+environment of ``aot_env`` whose Triton is in ``stats.GATED_TRITON`` (3.8 and 3.6; ``CONFIGS`` is the shared table
+merged with the version's ``CONFIGS_BY_TRITON`` replacements); under other versions the configs run unverified,
+which stats.describe_table() says.
 
 ``python tests/test_triton_stats_compile.py`` searches the candidate blocks (large to small, first that is
 spill-free for every variant on both architectures) and prints the CONFIGS table.
@@ -170,6 +171,10 @@ def test_configs_shape():
     for kernel in S.KERNELS:
         for prior in range(5):
             assert f"{kernel}|16|64|{prior}" in S.CONFIGS, (kernel, prior)
+    for version, repl in S.CONFIGS_BY_TRITON.items():  # replacements only swap existing keys' blocks
+        for key, (bm, bn, *_rest) in repl.items():
+            assert key in S.CONFIGS, (version, key)
+            assert not (key.startswith("dk|") and key.endswith("|1")) or bm == bn, (version, key)
 
 
 def gate() -> dict:
