@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cuda/fwd_params.h"
+#include "prior_args.h"
 
 namespace rapkern::cuda {
 namespace host {
@@ -131,17 +132,7 @@ inline FwdParams make_fwd_params(
   }
   p.alpha_value = static_cast<float>(alpha_value);
 
-  TORCH_CHECK(prior_kind >= kNone && prior_kind <= kDense, kOp,
-              ": prior_kind must be 0..4 (none, lag, banded, lowrank, dense), got ", prior_kind);
-  const bool needs1 = prior_kind == kLowRank;
-  if (prior_kind == kNone) {
-    TORCH_CHECK(!prior0.has_value() && !prior1.has_value(), kOp, ": prior0/prior1 must be None for prior_kind 0");
-  } else {
-    TORCH_CHECK(prior0.has_value(), kOp, ": prior0 is required for prior_kind ", prior_kind);
-    TORCH_CHECK(needs1 == prior1.has_value(), kOp, ": prior1 must be ", needs1 ? "given" : "None",
-                " for prior_kind ", prior_kind);
-  }
-  TORCH_CHECK(!mask_outside || prior_kind == kBanded, kOp, ": mask_outside is only valid with prior_kind 2 (banded)");
+  check_prior_args(kOp, prior_kind, prior0, prior1, mask_outside);
   p.kind = static_cast<int>(prior_kind);
   int64_t rows = 0, cols = 0, rows1 = 0, cols1 = 0;
   if (prior_kind == kLag) {

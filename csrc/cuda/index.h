@@ -32,6 +32,8 @@
 
 #include <cstdint>
 
+#include "../dropout_hash.h"
+
 #if defined(__CUDACC__)
 #define RK_HD __host__ __device__ __forceinline__
 #else
@@ -39,6 +41,9 @@
 #endif
 
 namespace rapkern::cuda {
+
+using rapkern::dropout_uniform;
+using rapkern::splitmix64;
 
 RK_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 RK_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -123,16 +128,7 @@ RK_HD int64_t partial_term_slot(int64_t t, int64_t bp, int64_t hp, int64_t B, in
 
 // ------------------------------------------------------------------------------------------- dropout
 
-RK_HD uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-RK_HD float dropout_uniform(uint64_t seed, uint64_t idx) {
-  const uint64_t z = splitmix64(seed + (idx + 1) * 0x9E3779B97F4A7C15ULL);
-  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
-}
+// splitmix64 / dropout_uniform: csrc/dropout_hash.h (namespace rapkern), shared with the CPU kernels.
 
 RK_HD uint64_t dropout_index(int64_t b, int64_t h, int64_t i, int64_t j, int64_t Hq, int64_t Lq, int64_t Lk) {
   return ((static_cast<uint64_t>(b) * Hq + h) * Lq + i) * Lk + j;
