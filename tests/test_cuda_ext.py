@@ -221,8 +221,8 @@ def test_backend_reasons():
 def test_backend_not_built_reason(monkeypatch, tmp_path):
     """Without the module the backend says "rapkern._C_cuda not built: <reason>", with the build note's first
     line when setup.py left one."""
-    monkeypatch.setattr(_load.importlib, "import_module", _raise_missing)
-    monkeypatch.setattr(_load, "_PKG", tmp_path)
+    monkeypatch.setattr(_ext.importlib, "import_module", _raise_missing)
+    monkeypatch.setattr(_ext, "_HERE", tmp_path)
     monkeypatch.setattr(_load, "_STATE", {})
     if torch.version.cuda is None or _ext.load() is not None:
         assert _load.load().startswith("rapkern._C_cuda not built: ")

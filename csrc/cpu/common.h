@@ -84,7 +84,7 @@
 #include <torch/library.h>
 
 #include "../dropout_hash.h"
-#include "../prior_args.h"
+#include "../contract.h"
 
 #include <algorithm>
 #include <cmath>
@@ -99,7 +99,9 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace rapkern::cpu {
 
+using rapkern::check_no_bad_values;
 using rapkern::check_prior_args;
+using rapkern::check_qkv_sizes;
 using rapkern::dropout_uniform;
 using rapkern::splitmix64;
 
@@ -244,13 +246,7 @@ inline Problem make_problem(const char* op, const at::Tensor& q_in, const at::Te
   P.Hkv = k.size(1);
   P.Lk = k.size(2);
   P.Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == P.B && v.size(0) == P.B, op, ": k and v must have batch B = ", P.B, ", got k ",
-              k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK(k.size(3) == P.D, op, ": k must have head dim D = ", P.D, " (q's), got ", k.size(3));
-  TORCH_CHECK(v.size(1) == P.Hkv && v.size(2) == P.Lk, op, ": v must have (Hkv, Lk) = (", P.Hkv, ", ", P.Lk,
-              ") as k, got shape ", v.sizes());
-  TORCH_CHECK(P.Hkv >= 1 && P.Hq % P.Hkv == 0, op, ": q heads Hq = ", P.Hq,
-              " must be a multiple of k/v heads Hkv = ", P.Hkv);
+  check_qkv_sizes(op, q, k, v);
   P.group = P.Hq / P.Hkv;
   P.q = q.data_ptr();
   P.k = k.data_ptr();
@@ -338,14 +334,7 @@ inline int64_t count_bad_values(const View4& w, bool allow_neginf) {
 }
 
 inline void check_values_of(const View4& w, const char* name, bool allow_neginf) {
-  const int64_t bad = count_bad_values(w, allow_neginf);
-  if (allow_neginf) {
-    TORCH_CHECK_VALUE(bad == 0, name, " must not contain NaN or +inf; got ", bad, " such entries");
-  } else {
-    TORCH_CHECK_VALUE(bad == 0, name, " must not contain non-finite values (NaN or \u00b1inf); to exclude keys "
-                      "use causal=, key_padding_mask=, BandedPrior(mask_outside=True) or -inf entries of a "
-                      "DensePrior; got ", bad, " such entries");
-  }
+  check_no_bad_values(name, count_bad_values(w, allow_neginf), allow_neginf);
 }
 
 // The up-front value check of rapkern/priors.py (_check_values), with its names and messages: alpha·(±inf) has

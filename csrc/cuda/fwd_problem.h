@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "cuda/fwd_params.h"
-#include "prior_args.h"
+#include "contract.h"
 
 namespace rapkern::cuda {
 namespace host {
@@ -62,14 +62,7 @@ inline const float* prior_view(const char* name, const at::Tensor& t_in, int64_t
 inline void check_values(const at::Tensor& t, const char* name, bool allow_neginf) {
   if (t.numel() == 0) return;
   const at::Tensor bad = allow_neginf ? at::logical_or(at::isnan(t), at::isposinf(t)) : at::logical_not(at::isfinite(t));
-  const int64_t n_bad = bad.sum().item<int64_t>();
-  if (allow_neginf) {
-    TORCH_CHECK_VALUE(n_bad == 0, name, " must not contain NaN or +inf; got ", n_bad, " such entries");
-  } else {
-    TORCH_CHECK_VALUE(n_bad == 0, name, " must not contain non-finite values (NaN or \u00b1inf); to exclude keys "
-                      "use causal=, key_padding_mask=, BandedPrior(mask_outside=True) or -inf entries of a "
-                      "DensePrior; got ", n_bad, " such entries");
-  }
+  check_no_bad_values(name, bad.sum().item<int64_t>(), allow_neginf);
 }
 
 // Checks every argument and fills `p` (out/lse pointers excluded); `held` keeps the copies the pointers use.
@@ -95,13 +88,7 @@ inline FwdParams make_fwd_params(
   FwdParams p;
   p.B = q.size(0), p.Hq = q.size(1), p.Lq = q.size(2), p.D = q.size(3);
   p.Hkv = k.size(1), p.Lk = k.size(2), p.Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, kOp, ": k and v must have batch B = ", p.B, ", got k ",
-              k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK(k.size(3) == p.D, kOp, ": k must have head dim D = ", p.D, " (q's), got ", k.size(3));
-  TORCH_CHECK(v.size(1) == p.Hkv && v.size(2) == p.Lk, kOp, ": v must have (Hkv, Lk) = (", p.Hkv, ", ", p.Lk,
-              ") as k, got shape ", v.sizes());
-  TORCH_CHECK(p.Hkv >= 1 && p.Hq % p.Hkv == 0, kOp, ": q heads Hq = ", p.Hq,
-              " must be a multiple of k/v heads Hkv = ", p.Hkv);
+  check_qkv_sizes(kOp, q, k, v);
   TORCH_CHECK(fwd_head_dim_supported(p.D, p.Dv), kOp, ": head dims D = ", p.D, ", Dv = ", p.Dv,
               " are not compiled; the CUDA kernels serve D == Dv in {64, 128} (use backend='triton' for others)");
   p.group = p.Hq / p.Hkv;

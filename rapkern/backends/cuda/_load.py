@@ -8,23 +8,15 @@ Loading needs no GPU (the module only registers kernels). ``RAPKERN_DISABLE_EXT=
 
 from __future__ import annotations
 
-import importlib
 import os
-from pathlib import Path
 
 import torch
 
 from ... import _ext
 
-_PKG = Path(__file__).resolve().parents[2]  # the rapkern package folder
 _STATE: dict[str, str | None] = {}
-
-
-def _note() -> str | None:
-    try:
-        return (_PKG / "_C_cuda_build.txt").read_text().strip() or None
-    except OSError:
-        return None
+_NOT_INSTALLED = ("the module is not in the installed package (it builds when nvcc, a CUDA toolkit and a CUDA "
+                  "build of torch are present, or with RAPKERN_BUILD_CUDA=1; no build note was found)")
 
 
 def _why_not() -> str | None:
@@ -35,19 +27,10 @@ def _why_not() -> str | None:
     base = _ext.load()
     if base is not None:
         return f"it needs rapkern._C (the op schemas), which is unavailable ({base})"
-    try:
-        importlib.import_module("rapkern._C_cuda")
-    except ImportError as exc:
-        note = _note()
-        if note is not None:
-            return note.splitlines()[0] + ("; rapkern/_C_cuda_build.txt has the rest" if "\n" in note else "")
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "rapkern._C_cuda":
-            return ("the module is not in the installed package (it builds when nvcc, a CUDA toolkit and a CUDA "
-                    "build of torch are present, or with RAPKERN_BUILD_CUDA=1; no build note was found)")
-        return f"import failed ({type(exc).__name__}: {exc})"
-    except Exception as exc:  # noqa: BLE001 - e.g. a registration error in a static initializer
-        return f"import failed ({type(exc).__name__}: {exc})"
-    return None
+    why = _ext._import("_C_cuda", _NOT_INSTALLED)  # the same import and build-note rules as rapkern._C
+    if why is None or "\n" not in why:
+        return why
+    return why.splitlines()[0] + "; rapkern/_C_cuda_build.txt has the rest"
 
 
 def load() -> str | None:
