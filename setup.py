@@ -88,18 +88,38 @@ def _cpu_extension():
 
 
 def _cuda_extension():
-    """The hook for issue 15; returns None (not built) unless asked for or everything it needs is here."""
+    """``rapkern._C_cuda`` (issue 15): None (not built) unless asked for or everything it needs is here.
+
+    The toolkit folder must hold lib64/libcudart.so: torch guesses CUDA_HOME from nvcc's location, which is wrong
+    where nvcc is a wrapper script (e.g. /usr/local/bin/nvcc -> CUDA_HOME=/usr/local), so the guess is checked
+    and replaced by the first folder that has both bin/nvcc and lib64/libcudart.so. Architectures sm_80 and
+    sm_90a (explicit -gencode flags, so torch adds none of its own); ``-Xptxas -v`` prints each kernel's
+    registers, spills and shared memory into the build log.
+    """
     mode = os.environ.get("RAPKERN_BUILD_CUDA", "").strip()
     sources = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
     if mode == "0" or cpp_extension is None:
         return None
+
+    def toolkit(d):  # a folder with bin/nvcc and lib64/libcudart.so
+        return bool(d) and os.path.isfile(os.path.join(d, "bin", "nvcc")) and bool(
+            glob.glob(os.path.join(d, "lib64", "libcudart.so*")))
+
+    guesses = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+               "/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    home = next((d for d in guesses if toolkit(d)), None)
     if mode != "1":
-        if not sources or torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        if not sources or torch.version.cuda is None or home is None:
             return None
+    if home is not None:
+        cpp_extension.CUDA_HOME = home  # read by CUDAExtension (include/library paths) and by the nvcc build rule
+        os.environ["CUDA_HOME"] = home
+    nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v",
+                  "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
     return cpp_extension.CUDAExtension(
         "rapkern._C_cuda",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": nvcc_flags},
         include_dirs=[os.path.join(HERE, "csrc")],
     )
 

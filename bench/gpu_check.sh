@@ -67,6 +67,18 @@ else
   say "pytest skipped: no time left"
 fi
 
+# 2b. compute-sanitizer memcheck and racecheck on the CUDA extension's GPU tests (issue 15), with the caching
+#     allocator off so out-of-bounds accesses land outside any allocation; 60 s each at most.
+if command -v compute-sanitizer >/dev/null && [ -f rapkern/_C_cuda*.so ] 2>/dev/null && [ "$(left)" -gt 330 ]; then
+  for tool in memcheck racecheck; do
+    say "compute-sanitizer --tool $tool on tests/test_cuda_ext.py -m gpu (at most 60 s)"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+      "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_ext.py -k "matches_reference and 64" \
+      >>"$LOG" 2>&1
+    say "compute-sanitizer $tool exit $? (0 clean, 99 errors found, 124 timed out)"
+  done
+fi
+
 # 3. The benchmark, one process per section (a kernel that breaks the CUDA context costs one section),
 #    with a soft deadline inside (jobs not started by then are recorded as skipped) and a hard one outside.
 rm -f "$OUT/results.csv" "$OUT/env.json"

@@ -34,8 +34,13 @@ def _build_note(name: str) -> str | None:
         return None
 
 
-def _import(name: str) -> str | None:
-    """Import ``rapkern.<name>``; None on success, else the reason."""
+_NOT_INSTALLED = ("the module is not in the installed package (install with `pip install --no-build-isolation "
+                  "-e .` or `make build`; no build note was found)")
+
+
+def _import(name: str, not_installed: str = _NOT_INSTALLED) -> str | None:
+    """Import ``rapkern.<name>``; None on success, else the reason: the build note setup.py left next to it
+    (``<name>_build.txt``, the compiler's output, several lines) or why the import failed."""
     if os.environ.get("RAPKERN_DISABLE_EXT", "0") == "1":
         return "disabled by RAPKERN_DISABLE_EXT=1"
     try:
@@ -45,8 +50,7 @@ def _import(name: str) -> str | None:
         if note is not None:
             return note
         if isinstance(exc, ModuleNotFoundError) and exc.name == f"rapkern.{name}":
-            return ("the module is not in the installed package (install with `pip install --no-build-isolation "
-                    "-e .` or `make build`; no build note was found)")
+            return not_installed
         return f"import failed ({type(exc).__name__}: {exc})"
     except Exception as exc:  # noqa: BLE001 - e.g. a registration error in a static initializer
         return f"import failed ({type(exc).__name__}: {exc})"

@@ -66,6 +66,8 @@ def report() -> str:
         why = b.availability()
         caps = f"devices={','.join(b.devices)} dtypes={','.join(b.dtypes)} deterministic={b.deterministic}"
         lines.append(f"  {b.name:<10} {'unavailable: ' + why if why else 'available'}  [{caps}]")
+        if getattr(b, "status", None):  # e.g. kernels no GPU run has checked yet
+            lines.append(f"      status: {b.status}")
         if why:
             continue
         for dev, (attn, route) in probes.items():

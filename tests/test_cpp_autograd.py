@@ -174,3 +174,22 @@ def test_graph_is_freed_with_its_outputs():
         assert ref() is None  # freed by reference counting alone
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("kind,s0,s1", [(LAG, (7,), None), (LOWRANK, (LQ, 3), (HQ, LK, 3)), (DENSE, (LQ, LK), None)])
+def test_opcheck_user_shaped(kind, s0, s1):
+    """Fake implementations, schema and autograd registration agree with the kernels on user-shaped priors
+    (half precision, missing leading dims) and a () alpha."""
+    g = helpers.gen(16)
+    p0 = torch.randn(s0, generator=g).half().requires_grad_()
+    p1 = None if s1 is None else torch.randn(s1, generator=g).half().requires_grad_()
+    alpha = torch.tensor(0.7, requires_grad=True)
+    q, k, v = _qkv(17)
+    args = (q, k, v, None, alpha, 0.0, kind, p0, p1, False, True, 0.3, 0.0, 0)
+    torch.library.opcheck(torch.ops.rapkern.attention_fwd.default, args)
+    with torch.no_grad():
+        out, lse = torch.ops.rapkern.attention_fwd.default(*args)
+    bwd_args = (torch.randn(out.shape, generator=g), None, q.detach(), k.detach(), v.detach(), out, lse, None,
+                alpha.detach(), 0.0, kind, p0.detach(), None if p1 is None else p1.detach(), False, True, 0.3, 0.0,
+                0, True, True, True)
+    torch.library.opcheck(torch.ops.rapkern.attention_bwd.default, bwd_args)

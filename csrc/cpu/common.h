@@ -83,6 +83,9 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../dropout_hash.h"
+#include "../contract.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -95,6 +98,12 @@
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace rapkern::cpu {
+
+using rapkern::check_no_bad_values;
+using rapkern::check_prior_args;
+using rapkern::check_qkv_sizes;
+using rapkern::dropout_uniform;
+using rapkern::splitmix64;
 
 struct SequentialBlas {
   int prev = 0;
@@ -237,13 +246,7 @@ inline Problem make_problem(const char* op, const at::Tensor& q_in, const at::Te
   P.Hkv = k.size(1);
   P.Lk = k.size(2);
   P.Dv = v.size(3);
-  TORCH_CHECK(k.size(0) == P.B && v.size(0) == P.B, op, ": k and v must have batch B = ", P.B, ", got k ",
-              k.sizes(), " and v ", v.sizes());
-  TORCH_CHECK(k.size(3) == P.D, op, ": k must have head dim D = ", P.D, " (q's), got ", k.size(3));
-  TORCH_CHECK(v.size(1) == P.Hkv && v.size(2) == P.Lk, op, ": v must have (Hkv, Lk) = (", P.Hkv, ", ", P.Lk,
-              ") as k, got shape ", v.sizes());
-  TORCH_CHECK(P.Hkv >= 1 && P.Hq % P.Hkv == 0, op, ": q heads Hq = ", P.Hq,
-              " must be a multiple of k/v heads Hkv = ", P.Hkv);
+  check_qkv_sizes(op, q, k, v);
   P.group = P.Hq / P.Hkv;
   P.q = q.data_ptr();
   P.k = k.data_ptr();
@@ -275,18 +278,8 @@ inline Problem make_problem(const char* op, const at::Tensor& q_in, const at::Te
   }
   P.alpha_value = static_cast<float>(alpha_value);
 
-  TORCH_CHECK(prior_kind >= kNone && prior_kind <= kDense, op, ": prior_kind must be 0..4 (none, lag, banded, ",
-              "lowrank, dense), got ", prior_kind);
+  check_prior_args(op, prior_kind, prior0, prior1, mask_outside);
   P.kind = prior_kind;
-  bool needs1 = prior_kind == kLowRank;
-  if (prior_kind == kNone) {
-    TORCH_CHECK(!prior0.has_value() && !prior1.has_value(), op, ": prior0/prior1 must be None for prior_kind 0");
-  } else {
-    TORCH_CHECK(prior0.has_value(), op, ": prior0 is required for prior_kind ", prior_kind);
-    TORCH_CHECK(needs1 == prior1.has_value(), op, ": prior1 must be ", needs1 ? "given" : "None",
-                " for prior_kind ", prior_kind);
-  }
-  TORCH_CHECK(!mask_outside || prior_kind == kBanded, op, ": mask_outside is only valid with prior_kind 2 (banded)");
   if (prior_kind == kLag) {
     P.p0 = make_view(op, "prior0 (lag table)", *prior0, 1, P.B, P.Hq, P.held[4]);
     TORCH_CHECK(P.p0.cols % 2 == 1, op, ": prior0 (lag table) last dim must be odd (2W+1), got ", P.p0.cols);
@@ -341,14 +334,7 @@ inline int64_t count_bad_values(const View4& w, bool allow_neginf) {
 }
 
 inline void check_values_of(const View4& w, const char* name, bool allow_neginf) {
-  const int64_t bad = count_bad_values(w, allow_neginf);
-  if (allow_neginf) {
-    TORCH_CHECK_VALUE(bad == 0, name, " must not contain NaN or +inf; got ", bad, " such entries");
-  } else {
-    TORCH_CHECK_VALUE(bad == 0, name, " must not contain non-finite values (NaN or \u00b1inf); to exclude keys "
-                      "use causal=, key_padding_mask=, BandedPrior(mask_outside=True) or -inf entries of a "
-                      "DensePrior; got ", bad, " such entries");
-  }
+  check_no_bad_values(name, count_bad_values(w, allow_neginf), allow_neginf);
 }
 
 // The up-front value check of rapkern/priors.py (_check_values), with its names and messages: alpha·(±inf) has
@@ -659,18 +645,6 @@ inline void apply_masks(const Problem& P, int64_t b, int64_t i0, int64_t bq, int
 }
 
 // ---------------------------------------------------------------------------------------------- dropout
-
-inline uint64_t splitmix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-// The idx-th output of splitmix64 seeded with `seed`, as a float in [0, 1) with 24 random bits.
-inline float dropout_uniform(uint64_t seed, uint64_t idx) {
-  const uint64_t z = splitmix64(seed + (idx + 1) * 0x9E3779B97F4A7C15ULL);
-  return static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
-}
 
 inline uint64_t dropout_index(const Problem& P, int64_t b, int64_t h, int64_t i, int64_t j) {
   return ((static_cast<uint64_t>(b) * P.Hq + h) * P.Lq + i) * P.Lk + j;

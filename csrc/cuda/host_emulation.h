@@ -1,0 +1,88 @@
+// A host-only emulation of the few CUDA features csrc/cuda/attention_fwd_kernel.cuh uses, so that the kernel's
+// own code can run on a CPU in tests (tests/test_cuda_ext.py, "emulated"): each CTA runs as `threads`
+// std::threads (one per CUDA thread), __syncthreads is a barrier over the CTA, __syncwarp one over a warp of 32,
+// __shfl_xor_sync exchanges values through per-CTA slots between two warp barriers, __shared__ variables are
+// function statics (CTAs run one after another). Semantics only, not timing; and it cannot find what only a GPU
+// shows (memory races the barriers hide, bank conflicts, ptxas bugs): compute-sanitizer on a GPU still has to.
+//
+// Include it before the kernel header, in a translation unit compiled by the host compiler (C++20).
+#pragma once
+
+#if defined(__CUDACC__)
+#error "host_emulation.h is for host compilers only"
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <barrier>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
+#undef __shared__
+#define __shared__ static
+#define __launch_bounds__(...)
+
+namespace rapkern::cuda::emu {
+
+struct Dim {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct Cta {
+  explicit Cta(int threads) : all(threads), slots(threads) {
+    for (int w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
+  }
+  std::barrier<> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<float> slots;
+};
+
+inline thread_local Dim thread_idx, block_idx;
+inline Cta* current = nullptr;
+
+// Runs kernel(args...) over grid (x, y) with `threads` threads per CTA (a multiple of 32), one CTA at a time.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, Dim grid, int threads, const Args&... args) {
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      Cta cta(threads);
+      current = &cta;
+      std::vector<std::thread> pool;
+      pool.reserve(threads);
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+          thread_idx = Dim{static_cast<unsigned>(t), 0, 0};
+          block_idx = Dim{bx, by, 0};
+          kernel(args...);
+        });
+      }
+      for (auto& th : pool) th.join();
+      current = nullptr;
+    }
+  }
+}
+
+}  // namespace rapkern::cuda::emu
+
+#define threadIdx (::rapkern::cuda::emu::thread_idx)
+#define blockIdx (::rapkern::cuda::emu::block_idx)
+
+inline void __syncthreads() { ::rapkern::cuda::emu::current->all.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  ::rapkern::cuda::emu::current->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  auto* cta = ::rapkern::cuda::emu::current;
+  const unsigned t = threadIdx.x;
+  cta->slots[t] = v;
+  __syncwarp();
+  const float other = cta->slots[t ^ static_cast<unsigned>(lane_mask)];
+  __syncwarp();
+  return other;
+}
