@@ -434,6 +434,8 @@ def _params(method):
 def _skip_unavailable(backend):
     if backend.startswith("triton") and TRITON_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
+    if "cpu" not in dispatch.get(backend).devices:  # the fuzzer's inputs are CPU tensors
+        pytest.skip(f"backend {backend!r} serves no CPU tensors (its GPU tests are marked gpu)")
 
 
 def _declined(c: AttnCase, op, backend, device) -> bool:
