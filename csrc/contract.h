@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 
 namespace rapkern {
@@ -33,6 +34,17 @@ inline void check_qkv_sizes(const char* op, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(v.size(1) == Hkv && v.size(2) == Lk, op, ": v must have (Hkv, Lk) = (", Hkv, ", ", Lk,
               ") as k, got shape ", v.sizes());
   TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": q heads Hq = ", Hq, " must be a multiple of k/v heads Hkv = ", Hkv);
+  TORCH_CHECK_VALUE(D >= 1 && v.size(3) >= 1, op, ": head dims must be >= 1, got q/k D = ", D, " and v Dv = ",
+                    v.size(3));
+}
+
+// The scalar arguments: finite scale and alpha_value (a non-finite one would turn whole rows into NaN), dropout_p
+// in [0, 1). rapkern.attention's direct path (rapkern/functional.py) relies on the op checking everything the
+// Python validation checks, so these are ValueErrors like rapkern/validate.py's.
+inline void check_scalars(const char* op, double alpha_value, double scale, double dropout_p) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(alpha_value), op, ": alpha must be finite, got ", alpha_value);
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
 }
 
 // ValueError with rapkern/priors.py's message when a prior tensor `name` holds `n_bad` values it may not: compact

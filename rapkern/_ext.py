@@ -96,8 +96,18 @@ def _empty_grad(ref: torch.Tensor, dtype=None) -> torch.Tensor:
     return ref.new_empty((0,), dtype=dtype or ref.dtype)
 
 
+def _same_device(op: str, q: torch.Tensor, **tensors) -> None:
+    """The kernels take every tensor on q's device: a fake must refuse a mix as they do. (A mix that includes
+    a meta tensor dispatches here, not to the device kernel.)"""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"rapkern::{op}: {name} must be on q's device ({q.device}), got {t.device}")
+
+
 def _fake_fwd(q, k, v, key_padding_mask, alpha, alpha_value, prior_kind, prior0, prior1, mask_outside, causal,
               scale, dropout_p, seed):
+    _same_device("attention_fwd", q, k=k, v=v, key_padding_mask=key_padding_mask, alpha=alpha, prior0=prior0,
+                 prior1=prior1)
     b, hq, lq, _ = q.shape
     out = q.new_empty((b, hq, lq, v.shape[3]))
     lse = q.new_empty((b, hq, lq), dtype=torch.float32)
@@ -106,6 +116,8 @@ def _fake_fwd(q, k, v, key_padding_mask, alpha, alpha_value, prior_kind, prior0,
 
 def _fake_bwd(dout, dlse, q, k, v, out, lse, key_padding_mask, alpha, alpha_value, prior_kind, prior0, prior1,
               mask_outside, causal, scale, dropout_p, seed, need_qkv_grad, need_prior_grad, need_alpha_grad):
+    _same_device("attention_bwd", q, dout=dout, dlse=dlse, k=k, v=v, out=out, lse=lse,
+                 key_padding_mask=key_padding_mask, alpha=alpha, prior0=prior0, prior1=prior1)
     f32 = torch.float32
     if need_qkv_grad:
         dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))

@@ -28,6 +28,9 @@ _AUTO: dict[str, list[Backend]] = {}  # device type -> candidates for "auto" (cl
 # (backend name, op, device type, dtype) -> whether a backend with ``verdict_by_device_dtype`` serves that op
 # under "auto" (its reasons and speed rules depend on nothing else, so they are asked once per key)
 _VERDICTS: dict[tuple, bool] = {}
+# (op, device type, dtype, backend argument) -> the backend ``choose`` returns for every problem of that device
+# type and dtype, or None when that depends on more than those (see ``choice_by_device_dtype``)
+_STATIC: dict[tuple, Backend | None] = {}
 _ENV = getattr(os.environ, "_data", None)  # CPython's dict behind os.environ: a miss without a KeyError
 _ENV_KEY = os.environ.encodekey("RAPKERN_BACKEND") if hasattr(os.environ, "encodekey") else None
 
@@ -53,6 +56,7 @@ def clear_caches() -> None:
     other means than ``register``, e.g. in tests)."""
     _AUTO.clear()
     _VERDICTS.clear()
+    _STATIC.clear()
 
 
 def backends() -> list[Backend]:
@@ -101,6 +105,61 @@ def choose(op: str, problem, backend: str) -> Backend:
         if ok:
             return b
     raise NotImplementedError(_nothing_fits(op, problem, method, device_type))
+
+
+class _DeviceDtype:
+    """What a ``verdict_by_device_dtype`` backend's reasons may read of a problem: its device and dtype."""
+
+    __slots__ = ("device", "dtype")
+
+    def __init__(self, device_type: str, dtype):
+        import torch
+
+        self.device, self.dtype = torch.device(device_type), dtype
+
+
+def choice_by_device_dtype(op: str, device_type: str, dtype, backend: str = "auto") -> Backend | None:
+    """The backend ``choose(op, problem, backend)`` returns for *every* problem on ``device_type`` with
+    ``dtype``, when the device type and dtype alone decide it: every backend asked on the way (the named one,
+    or each "auto" candidate up to the pick) answers by them alone (``verdict_by_device_dtype``). None
+    otherwise, or when the answer would be an error (the full ``choose`` then says why). For per-call fast
+    paths that run before a problem object exists (``rapkern.attention``'s direct path). ``RAPKERN_BACKEND``
+    is read per call, not cached; availability is asked once per key (``clear_caches`` forgets)."""
+    if backend == "auto":
+        backend = _env_backend() or "auto"
+    key = (op, device_type, dtype, backend)
+    try:
+        return _STATIC[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable backend argument: the full choose raises the documented error
+        return None
+    method = _REASONS.get(op)
+    try:
+        found = _static_pick(op, method, backend, device_type, _DeviceDtype(device_type, dtype))
+    except AttributeError:  # a reasons function read more of the problem than its device and dtype
+        found = None
+    _STATIC[key] = found
+    return found
+
+
+def _static_pick(op: str, method: str | None, backend: str, device_type: str, stub) -> Backend | None:
+    found = None
+    if method is not None and isinstance(backend, str):
+        if backend != "auto":
+            b = _REGISTRY.get(backend)
+            if b is not None and b.verdict_by_device_dtype and not _reasons(b, lambda b: getattr(b, method)(stub)):
+                found = b
+        else:
+            for b in _auto_candidates(device_type):
+                if b.availability() is not None:
+                    continue
+                if not b.verdict_by_device_dtype:
+                    break  # this one decides per problem: so does "auto" from here on
+                if _serves(b, op, method, stub):
+                    found = b
+                    break
+    return found
 
 
 def _serves(b: Backend, op: str, method: str, problem) -> bool:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import Tensor
 
 from . import dispatch
+from .priors import BandedPrior, DensePrior, LowRankPrior, RelativeLagPrior
 from .validate import check_attention, check_route
+
+_BUILTIN_PRIORS = frozenset((RelativeLagPrior, BandedPrior, LowRankPrior, DensePrior))
 
 
 def attention(
@@ -28,6 +34,20 @@ def attention(
     Returns out ``(B, Hq, Lq, Dv)`` in q's dtype, and with ``return_lse=True`` also the float32 natural-log
     LSE ``(B, Hq, Lq)``. A query row with no visible key gives 0 and lse -inf. See README for semantics.
     """
+    # The direct path (a per-call cost, issue 10): the kernel validates, and check_attention runs only after a
+    # failure, to raise the documented error.
+    direct = _direct_backend(q, prior, alpha, causal, scale, dropout_p, return_lse, backend)
+    if direct is not None:
+        try:
+            out, lse = direct.attention_direct(
+                q, k, v, prior, alpha, causal, key_padding_mask,
+                1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, dropout_p,
+            )
+        except Exception as kernel_error:  # noqa: BLE001  (raised before computing; reworded below)
+            _raise_documented(kernel_error, q, k, v, prior=prior, alpha=alpha, causal=causal,
+                              key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p)
+        return (out, lse) if return_lse else out
+
     p = check_attention(
         q, k, v, prior=prior, alpha=alpha, causal=causal, key_padding_mask=key_padding_mask,
         scale=scale, dropout_p=dropout_p, check_values=False,
@@ -41,6 +61,32 @@ def attention(
         p.prior.check_values()
     out, lse = chosen.attention(p)
     return (out, lse) if return_lse else out
+
+
+def _direct_backend(q, prior, alpha, causal, scale, dropout_p, return_lse, backend):
+    """The backend for the direct path, or None: arguments of the usual Python types (anything else takes the
+    checked path, which words its error), not while compiling (the graph keeps the Python checks), and a backend
+    chosen by device and dtype alone whose kernel checks every condition check_attention checks
+    (``Backend.validates_in_kernel``; tests/test_direct_path.py holds it to that)."""
+    if (type(q) is Tensor and (prior is None or type(prior) in _BUILTIN_PRIORS)
+            and (type(alpha) is float or isinstance(alpha, Tensor)) and type(causal) is bool
+            and type(dropout_p) is float and type(return_lse) is bool and (scale is None or type(scale) is float)
+            and not torch.compiler.is_compiling()):
+        device_type = "cpu" if q.is_cpu else q.device.type  # is_cpu: no torch.device object built
+        direct = dispatch.choice_by_device_dtype("attention", device_type, q.dtype, backend)
+        if direct is not None and direct.validates_in_kernel:
+            return direct
+    return None
+
+
+def _raise_documented(kernel_error: Exception, q, k, v, **kwargs):
+    """Raise check_attention's error for the arguments a kernel rejected (it names the argument as the
+    documentation does); the kernel's own error when the Python checks pass (e.g. a prior's values)."""
+    try:
+        check_attention(q, k, v, check_values=False, **kwargs)
+    except (TypeError, ValueError) as documented:
+        raise documented from None
+    raise kernel_error
 
 
 def lda_route(q, centroids, answers, *, tau=0.1, top_k=None, normalize=True, cluster_mask=None,

@@ -102,6 +102,7 @@ namespace rapkern::cpu {
 using rapkern::check_no_bad_values;
 using rapkern::check_prior_args;
 using rapkern::check_qkv_sizes;
+using rapkern::check_scalars;
 using rapkern::dropout_uniform;
 using rapkern::splitmix64;
 
@@ -306,7 +307,7 @@ inline Problem make_problem(const char* op, const at::Tensor& q_in, const at::Te
   P.mask_outside = mask_outside;
   P.causal = causal;
   P.scale = static_cast<float>(scale);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  check_scalars(op, alpha_value, scale, dropout_p);
   P.dropout_p = dropout_p;
   P.seed = static_cast<uint64_t>(seed);
   return P;

@@ -120,6 +120,10 @@ class Backend:
     # Every ``*_reasons`` and ``auto_reasons`` answer depends only on the device type and dtype of the input
     # (and on ``availability``): "auto" then asks once per (op, device type, dtype) and remembers.
     verdict_by_device_dtype: bool = False
+    # ``attention_direct(q, k, v, prior, alpha, causal, key_padding_mask, scale, dropout_p)`` exists and its
+    # kernel checks every condition rapkern/validate.py checks (raising before computing), so rapkern.attention
+    # may call it on the user's arguments and run the Python checks only to word an error (functional.py).
+    validates_in_kernel: bool = False
 
     def availability(self) -> str | None:
         """None if the backend can run on this machine at all, else why not."""

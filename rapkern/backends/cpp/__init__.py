@@ -6,7 +6,7 @@ import torch
 
 from ... import _ext
 from ..base import Backend
-from .attention import cpp_attention
+from .attention import call_fwd, cpp_attention
 
 
 class CppBackend(Backend):
@@ -36,3 +36,10 @@ class CppBackend(Backend):
 
     def attention(self, p):
         return cpp_attention(p)
+
+    # rapkern.attention's direct path: the op validates every argument itself (same conditions as
+    # rapkern/validate.py, tested in tests/test_direct_path.py), so the Python checks run only to word an error.
+    validates_in_kernel = True
+
+    def attention_direct(self, q, k, v, prior, alpha, causal, key_padding_mask, scale, dropout_p):
+        return call_fwd(q, k, v, prior, alpha, causal, key_padding_mask, scale, dropout_p)

@@ -22,7 +22,13 @@ SEED_MAX = 2**62
 
 def cpp_attention(p):
     """Run an ``AttentionProblem`` through the C++ op; returns (out in q's dtype, lse float32)."""
-    prior = p.prior
+    return call_fwd(p.q, p.k, p.v, p.prior, p.alpha, p.causal, p.key_padding_mask, p.scale, p.dropout_p)
+
+
+def call_fwd(q, k, v, prior, alpha, causal, key_padding_mask, scale, dropout_p):
+    """The op on rapkern.attention's arguments: ``prior`` None or a built-in Prior, ``alpha`` a float or a
+    tensor, ``scale`` a float. The op checks every argument itself (csrc/contract.h, csrc/cpu/common.h
+    make_problem) and raises before computing."""
     prior0 = prior1 = None
     kind, mask_outside = 0, False
     if prior is not None:
@@ -32,14 +38,13 @@ def cpp_attention(p):
             prior0, prior1 = prior.u, prior.v
         else:
             prior0 = prior.tensors()[0]
-    alpha = p.alpha
     if type(alpha) is float:
         alpha_t, alpha_value = None, alpha
     else:
         alpha_t, alpha_value = alpha, 0.0
-    seed = int(torch.randint(0, SEED_MAX, (1,)).item()) if p.dropout_p > 0 else 0
-    return _FWD(p.q, p.k, p.v, p.key_padding_mask, alpha_t, alpha_value, kind, prior0, prior1, mask_outside,
-                p.causal, p.scale, p.dropout_p, seed)
+    seed = int(torch.randint(0, SEED_MAX, (1,)).item()) if dropout_p > 0 else 0
+    return _FWD(q, k, v, key_padding_mask, alpha_t, alpha_value, kind, prior0, prior1, mask_outside, causal, scale,
+                dropout_p, seed)
 
 
 def _fwd_op(*args):
