@@ -156,7 +156,7 @@ class BiasedMultiheadAttention(nn.MultiheadAttention):
         causal = bool(is_causal) and not need_weights  # the weights path uses the mask itself, as torch does
         mask = None if causal else _float_mask(attn_mask, q.dtype, b, self.num_heads)
         extra = self._extra_kv(q)
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = float(self.dropout) if self.training else 0.0
         scale = math.sqrt(1.0 / q.shape[-1])
 
         weights = None
