@@ -27,4 +27,12 @@ TORCH_LIBRARY(rapkern, m) {
       "Tensor? prior1, bool mask_outside, bool causal, float scale, float dropout_p, int seed, "
       "bool need_qkv_grad, bool need_prior_grad, bool need_alpha_grad) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dprior0, Tensor dprior1, Tensor dalpha)");
+  // lda_route's forward (rapkern.lda_route semantics): q (G, N, d), centroids (G, n, d), answers (G, n, e) of one
+  // dtype (a shared table: group stride 0), cluster_mask bool (G, n) True = absent. top_k 0: dense, giving out
+  // (G, N, e) in q's dtype and lse (G, N) float32 natural log (-inf for a group with no cluster); top_k k >= 1:
+  // out, weights (G, N, k) float32 and indices (G, N, k) int64 (score desc, index asc). Unused outputs are empty.
+  // Implemented for CUDA only (rapkern._C_cuda, csrc/cuda/route_fwd*.cu): the CPU serves routing in PyTorch.
+  m.def(
+      "route_fwd(Tensor q, Tensor centroids, Tensor answers, Tensor? cluster_mask, float tau, bool normalize, "
+      "int top_k) -> (Tensor out, Tensor lse, Tensor weights, Tensor indices)");
 }

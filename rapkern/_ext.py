@@ -131,6 +131,18 @@ def _fake_bwd(dout, dlse, q, k, v, out, lse, key_padding_mask, alpha, alpha_valu
     return dq, dk, dv, dp0, dp1, da
 
 
+def _fake_route_fwd(q, centroids, answers, cluster_mask, tau, normalize, top_k):
+    _same_device("route_fwd", q, centroids=centroids, answers=answers, cluster_mask=cluster_mask)
+    g, n_q, _ = q.shape
+    dense = top_k == 0
+    out = q.new_empty((g, n_q, answers.shape[2]))
+    lse = q.new_empty((g, n_q) if dense else (0, 0), dtype=torch.float32)
+    w = q.new_empty((g, n_q, top_k), dtype=torch.float32)
+    idx = q.new_empty((g, n_q, top_k), dtype=torch.int64)
+    return out, lse, w, idx
+
+
 def _register_fakes() -> None:
     torch.library.register_fake("rapkern::attention_fwd", _fake_fwd)
     torch.library.register_fake("rapkern::attention_bwd", _fake_bwd)
+    torch.library.register_fake("rapkern::route_fwd", _fake_route_fwd)

@@ -1,0 +1,217 @@
+"""The CUDA routing forward (rapkern::route_fwd, csrc/cuda/route_*; issue 15) on this CPU-only machine.
+
+Built with the rest of csrc/cuda (tests/test_cuda_ext.py's private build): the op is registered for CUDA, its
+kernels compile for sm_80 and sm_90a without spills, and the fake implementation gives the documented shapes
+for CUDA tensors. Emulated: the kernels' own code (route_fwd_kernel.cuh) with the op's host side
+(route_problem.h), compiled by g++ under csrc/cuda/host_emulation.h, against reference_lda_route (float64), the
+2x rule; top-k winners and their order exactly. UNVERIFIED ON A GPU: races, SASS and speed only a GPU shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+
+from rapkern import _ext
+from rapkern.testing import assert_close_to_reference, reference_lda_route
+from test_cuda_ext import CACHE, ROOT, _resource_usage, _toolkit, cuda_lib  # noqa: F401  (cuda_lib: a fixture)
+
+ARCHS = ("sm_80", "sm_90a")
+STATIC_SMEM_LIMIT = 48 * 1024
+
+pytestmark = pytest.mark.skipif(_ext.load() is not None, reason=f"the op schemas come from rapkern._C: {_ext.load()}")
+
+
+def test_registers_route_fwd_for_cuda(cuda_lib):  # noqa: F811
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("rapkern::route_fwd", "CUDA")
+
+
+def test_route_kernels_do_not_spill_and_fit_shared_memory(cuda_lib):  # noqa: F811
+    usage = _resource_usage(cuda_lib)
+    for arch in ARCHS:
+        kernels = [k for k in usage[arch] if "route_" in str(k["name"])]
+        assert len(kernels) == 6, (arch, [k["name"] for k in usage[arch]])  # {dense, top-k} x 3 dtypes
+        for k in kernels:
+            assert k["LOCAL"] == 0 and k["STACK"] == 0, f"register spill / local memory: {arch} {k}"
+            assert k["SHARED"] <= STATIC_SMEM_LIMIT, f"{arch} {k}"
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_fake_tensor_mode_shapes_on_cuda(top_k):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 5, 8, device="cuda", dtype=torch.float16)
+        c = torch.empty(2, 7, 8, device="cuda", dtype=torch.float16)
+        a = torch.empty(2, 7, 3, device="cuda", dtype=torch.float16)
+        out, lse, w, idx = torch.ops.rapkern.route_fwd(q, c, a, None, 0.1, True, top_k)
+    assert out.shape == (2, 5, 3) and out.dtype == torch.float16 and out.device.type == "cuda"
+    assert lse.shape == ((2, 5) if top_k == 0 else (0, 0)) and lse.dtype == torch.float32
+    assert w.shape == (2, 5, top_k) and w.dtype == torch.float32
+    assert idx.shape == (2, 5, top_k) and idx.dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------------- emulated kernels
+
+EMU_SOURCE = r"""
+#include "cuda/host_emulation.h"
+#include "cuda/route_fwd_kernel.cuh"
+#include "cuda/route_problem.h"
+#include <torch/library.h>
+
+namespace {
+using namespace rapkern::cuda;
+
+template <typename T>
+void run(const RouteParams& p) {
+  const emu::Dim grid{static_cast<unsigned>(p.G * ((p.N + kRouteRows - 1) / kRouteRows)), 1, 1};
+  if (p.top_k == 0) emu::launch(route::route_dense_kernel<T>, grid, kRouteRows * 32, p);
+  else emu::launch(route::route_topk_kernel<T>, grid, kRouteRows * 32, p);
+}
+
+// route_fwd_host.cpp's body on CPU tensors, the kernels run through the emulation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_fwd(
+    const at::Tensor& q, const at::Tensor& c, const at::Tensor& a, const std::optional<at::Tensor>& mask,
+    double tau, bool normalize, int64_t top_k) {
+  std::vector<at::Tensor> held;
+  RouteParams p = host::make_route_params(q, c, a, mask, tau, normalize, top_k, false, held);
+  at::Tensor out = at::empty({p.G, p.N, p.e}, q.options());
+  at::Tensor lse = at::empty({top_k == 0 ? p.G : 0, top_k == 0 ? p.N : 0}, q.options().dtype(at::kFloat));
+  at::Tensor w = at::empty({p.G, p.N, top_k}, q.options().dtype(at::kFloat));
+  at::Tensor idx = at::empty({p.G, p.N, top_k}, q.options().dtype(at::kLong));
+  if (p.G * p.N == 0) return {out, lse, w, idx};
+  p.out = out.data_ptr();
+  if (top_k == 0) p.lse = lse.data_ptr<float>();
+  else p.w = w.data_ptr<float>(), p.idx = idx.data_ptr<int64_t>();
+  switch (q.scalar_type()) {
+    case at::kFloat: run<float>(p); break;
+    case at::kHalf: run<__half>(p); break;
+    default: run<__nv_bfloat16>(p); break;
+  }
+  return {out, lse, w, idx};
+}
+}  // namespace
+
+TORCH_LIBRARY(rapkern_cuda_emu_route, m) { m.def("route_fwd", &route_fwd); }
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    home = _toolkit()
+    if home is None:
+        pytest.skip("no CUDA toolkit headers (cuda_fp16.h, cuda_bf16.h; set CUDA_HOME)")
+    from torch.utils import cpp_extension
+
+    files = sorted((ROOT / "csrc" / "cuda").glob("*.h")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in files) + EMU_SOURCE.encode()).hexdigest()[:12]
+    build = CACHE / f"cuda_emu_route_{key}"
+    build.mkdir(parents=True, exist_ok=True)
+    name = f"rapkern_cuda_emu_route_{key}"
+    so = build / f"{name}.so"
+    if not hasattr(torch.ops.rapkern_cuda_emu_route, "route_fwd"):
+        if so.exists() and not (build / "lock").exists():
+            torch.ops.load_library(str(so))
+        else:
+            src = build / "emu.cpp"
+            src.write_text(EMU_SOURCE)
+            cpp_extension.load(name=name, sources=[str(src)], build_directory=str(build),
+                               extra_include_paths=[str(ROOT / "csrc"), os.path.join(home, "include")],
+                               extra_cflags=["-O2", "-g0", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
+                               is_python_module=False, verbose=False)
+    return torch.ops.rapkern_cuda_emu_route.route_fwd
+
+
+def _inputs(g, n_q, n, d, e, dtype, shared, gen):
+    q = torch.randn(g, n_q, d, generator=gen).to(dtype)
+    if shared:  # one table for every group: group stride 0, as RouteProblem passes a shared table
+        c = torch.randn(1, n, d, generator=gen).to(dtype).expand(g, n, d)
+        a = torch.randn(1, n, e, generator=gen).to(dtype).expand(g, n, e)
+    else:
+        c = torch.randn(g, n, d, generator=gen).to(dtype)
+        a = torch.randn(g, n, e, generator=gen).to(dtype)
+    return q, c, a
+
+
+EMU_CASES = [
+    # top_k, dtype, normalize, (G, N, n, d, e), shared table, mask ("none", "some", "empty group")
+    (0, torch.float32, True, (2, 11, 19, 40, 150), False, "none"),   # e > 128: two column passes
+    (0, torch.float16, True, (1, 9, 33, 16, 5), True, "some"),
+    (0, torch.float32, False, (3, 8, 7, 70, 33), False, "empty group"),
+    (0, torch.bfloat16, True, (1, 8, 12, 32, 8), False, "none"),
+    (3, torch.float32, True, (2, 10, 17, 24, 40), False, "some"),
+    (5, torch.float16, False, (1, 9, 20, 33, 130), True, "none"),
+    (4, torch.float32, True, (3, 7, 6, 8, 9), False, "empty group"),  # masked clusters rank last, by index
+    (1, torch.float32, True, (1, 5, 64, 16, 4), False, "none"),
+]
+
+
+@pytest.mark.parametrize("top_k,dtype,normalize,shape,shared,mask_kind", EMU_CASES)
+def test_emulated_route_matches_reference(emulated, top_k, dtype, normalize, shape, shared, mask_kind):
+    gen = torch.Generator().manual_seed(7)
+    g, n_q, n, d, e = shape
+    q, c, a = _inputs(g, n_q, n, d, e, dtype, shared, gen)
+    mask = None
+    if mask_kind != "none":
+        mask = torch.rand(g, n, generator=gen) < 0.3
+        mask[:, 0] = False
+        if mask_kind == "empty group":
+            mask[1] = True
+    tau = 0.2
+    out, lse, w, idx = emulated(q, c, a, mask, tau, normalize, top_k)
+    kw = dict(tau=tau, top_k=top_k or None, normalize=normalize, cluster_mask=mask, return_weights=True)
+    ref_out, ref_w = reference_lda_route(q, c, a, **kw)
+    low_out, low_w = reference_lda_route(q, c, a, **kw, compute_dtype=dtype)
+    assert_close_to_reference("out", out.float(), ref_out.double(), low_out.float(), 1e-5)
+    if top_k:
+        ref_w, ref_idx = ref_w
+        assert torch.equal(idx, ref_idx), (idx, ref_idx)
+        assert_close_to_reference("weights", w, ref_w.double(), low_w[0].float(), 1e-6)
+    else:
+        assert lse.shape == (g, n_q)
+        dead = torch.zeros(g, dtype=torch.bool) if mask is None else mask.all(-1)  # groups with no cluster
+        assert torch.isneginf(lse[dead]).all() and torch.isfinite(lse[~dead]).all()
+
+
+def test_emulated_topk_ties_keep_the_lower_index(emulated):
+    """Equal scores (duplicated centroids) rank by index, as the reference's stable sort."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(1, 4, 8, generator=gen)
+    c = torch.cat([base, base], dim=1)  # clusters j and j + 4 score the same
+    q = torch.randn(1, 6, 8, generator=gen)
+    a = torch.randn(1, 8, 5, generator=gen)
+    _, _, w, idx = emulated(q, c, a, None, 0.5, True, 4)
+    _, (ref_w, ref_idx) = reference_lda_route(q, c, a, tau=0.5, top_k=4, return_weights=True)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w, ref_w.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_emulated_dense_lse_is_the_log_partition(emulated):
+    gen = torch.Generator().manual_seed(5)
+    q, c, a = _inputs(1, 9, 13, 16, 3, torch.float32, False, gen)
+    _, lse, _, _ = emulated(q, c, a, None, 0.3, True, 0)
+    qn = q.double() / q.double().norm(dim=-1, keepdim=True)
+    cn = c.double() / c.double().norm(dim=-1, keepdim=True)
+    ref = torch.logsumexp(qn @ cn.transpose(-1, -2) / 0.3, dim=-1)
+    torch.testing.assert_close(lse.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,match", [
+    (dict(top_k=65), r"top_k must be 0 \(dense\) or in \[1, min\(n, 64\)\]"),
+    (dict(top_k=-1), r"top_k must be"),
+    (dict(tau=0.0), r"tau must be finite and > 0"),
+    (dict(mask=torch.zeros(1, 3, dtype=torch.bool)), r"cluster_mask must have shape \(G, n\) = \(1, 70\)"),
+    (dict(mask=torch.zeros(1, 70)), r"cluster_mask must be bool"),
+    (dict(a=torch.randn(1, 69, 4)), r"answers must have n = 70 rows"),
+    (dict(c=torch.randn(1, 70, 9)), r"centroids must have q's feature dim d = 8"),
+    (dict(q=torch.randn(1, 4, 8, dtype=torch.float64)), r"q dtype must be float32, float16 or bfloat16"),
+])
+def test_emulated_host_side_rejects_bad_inputs(emulated, args, match):
+    kw = dict(q=torch.randn(1, 4, 8), c=torch.randn(1, 70, 8), a=torch.randn(1, 70, 4), mask=None, tau=0.1,
+              top_k=0)
+    kw.update(args)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        emulated(kw["q"], kw["c"], kw["a"], kw["mask"], kw["tau"], True, kw["top_k"])
