@@ -215,3 +215,31 @@ def test_emulated_host_side_rejects_bad_inputs(emulated, args, match):
     kw.update(args)
     with pytest.raises((RuntimeError, ValueError), match=match):
         emulated(kw["q"], kw["c"], kw["a"], kw["mask"], kw["tau"], True, kw["top_k"])
+
+
+# ------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("top_k", [0, 1, 8, 64])
+@pytest.mark.parametrize("mask_kind", ["none", "empty group"])
+def test_gpu_route_matches_reference(dtype, top_k, mask_kind):
+    from rapkern.backends.cuda import _load
+
+    assert _load.load() is None, _load.load()
+    gen = torch.Generator().manual_seed(top_k)
+    q, c, a = (t.cuda() for t in _inputs(3, 37, 200, 64, 150, dtype, False, gen))
+    mask = None
+    if mask_kind != "none":
+        mask = (torch.rand(3, 200, generator=gen) < 0.3).cuda()
+        mask[1] = True
+    out, lse, w, idx = torch.ops.rapkern.route_fwd(q, c, a, mask, 0.1, True, top_k)
+    torch.cuda.synchronize()
+    kw = dict(tau=0.1, top_k=top_k or None, normalize=True, cluster_mask=mask, return_weights=True)
+    ref_out, ref_w = reference_lda_route(q, c, a, **kw)
+    low_out, _ = reference_lda_route(q, c, a, **kw, compute_dtype=dtype)
+    assert_close_to_reference("out", out.float(), ref_out.double(), low_out.float(), 1e-5)
+    if top_k:
+        assert torch.equal(idx, ref_w[1])
