@@ -243,3 +243,38 @@ def test_gpu_route_matches_reference(dtype, top_k, mask_kind):
     assert_close_to_reference("out", out.float(), ref_out.double(), low_out.float(), 1e-5)
     if top_k:
         assert torch.equal(idx, ref_w[1])
+
+
+# ------------------------------------------------------------------------------------------- the backend
+
+
+def test_backend_reasons_for_routing():
+    import rapkern
+    from rapkern.backends.cuda import CudaBackend
+    from rapkern.validate import check_route
+
+    q, c, a = torch.randn(5, 8), torch.randn(70, 8), torch.randn(70, 4)
+    why = CudaBackend().route_reasons(check_route(q, c, a, tau=0.1, top_k=65, normalize=True))
+    assert any("device type 'cpu'" in w for w in why) and any("top_k = 65 > 64" in w for w in why)
+    why = CudaBackend().route_reasons(check_route(q.requires_grad_(), c, a, tau=0.1, top_k=None, normalize=True))
+    assert any("backward is not implemented yet" in w for w in why)
+    with pytest.raises(NotImplementedError, match="backend 'cuda' cannot run lda_route"):
+        rapkern.lda_route(q, c, a, backend="cuda")
+
+
+@pytest.mark.parametrize("top_k", [None, 3, 70])
+def test_lda_route_through_the_backend_under_fake_cuda_tensors(top_k):
+    """rapkern.lda_route(backend="cuda") end to end on fake CUDA tensors: reasons, the op call, the fake impl."""
+    import rapkern
+    from rapkern.backends.cuda import _load
+
+    if _load.load() is not None:
+        pytest.skip(_load.load())
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(4, 5, 8, device="cuda", dtype=torch.bfloat16)
+        c = torch.empty(70, 8, device="cuda", dtype=torch.bfloat16)
+        a = torch.empty(70, 6, device="cuda", dtype=torch.bfloat16)
+        out = rapkern.lda_route(q, c, a, top_k=top_k, backend="cuda")
+    assert out.shape == (4, 5, 6) and out.dtype == torch.bfloat16 and out.device.type == "cuda"

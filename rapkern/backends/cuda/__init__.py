@@ -11,6 +11,7 @@ import torch
 from ..base import Backend
 from ..cpp.attention import cpp_attention
 from . import _load
+from .routing import cuda_route, route_reasons
 
 HEAD_DIMS = (64, 128)  # compiled kernels: D == Dv in HEAD_DIMS (csrc/cuda/fwd_params.h fwd_head_dim_supported)
 
@@ -59,6 +60,13 @@ class CudaBackend(Backend):
 
     def attention(self, p):
         return cpp_attention(p)  # the same op call as the cpp backend; the dispatcher picks the CUDA kernel
+
+    # lda_route: dense and top-k forward (rapkern::route_fwd; routing.py), no backward yet
+    def route_reasons(self, p):
+        return route_reasons(p)
+
+    def route(self, p, return_weights=False):
+        return cuda_route(p, return_weights)
 
 
 def _needs_grad(p) -> bool:
