@@ -35,4 +35,12 @@ TORCH_LIBRARY(rapkern, m) {
   m.def(
       "route_fwd(Tensor q, Tensor centroids, Tensor answers, Tensor? cluster_mask, float tau, bool normalize, "
       "int top_k) -> (Tensor out, Tensor lse, Tensor weights, Tensor indices)");
+  // Its backward: the float32 gradients of q, centroids and answers (G-leading shapes as in route_fwd) with the
+  // inverse norms held fixed (the caller applies the normalization Jacobians), and per row Σ_j dZ_ij·log P_ij
+  // (G, N) float32, whose sum times -1/τ is dτ (route_params.h has the math); from the forward's inputs and
+  // results (lse for dense, weights and indices for top-k).
+  m.def(
+      "route_bwd(Tensor dout, Tensor q, Tensor centroids, Tensor answers, Tensor? cluster_mask, float tau, "
+      "bool normalize, int top_k, Tensor out, Tensor lse, Tensor weights, Tensor indices) "
+      "-> (Tensor dq, Tensor dcentroids, Tensor danswers, Tensor dz_logp)");
 }

@@ -142,7 +142,16 @@ def _fake_route_fwd(q, centroids, answers, cluster_mask, tau, normalize, top_k):
     return out, lse, w, idx
 
 
+def _fake_route_bwd(dout, q, centroids, answers, cluster_mask, tau, normalize, top_k, out, lse, weights, indices):
+    _same_device("route_bwd", q, dout=dout, centroids=centroids, answers=answers, cluster_mask=cluster_mask,
+                 out=out, lse=lse, weights=weights, indices=indices)
+    f32 = torch.float32
+    return (q.new_empty(q.shape, dtype=f32), centroids.new_empty(centroids.shape, dtype=f32),
+            answers.new_empty(answers.shape, dtype=f32), q.new_empty(q.shape[:2], dtype=f32))
+
+
 def _register_fakes() -> None:
     torch.library.register_fake("rapkern::attention_fwd", _fake_fwd)
     torch.library.register_fake("rapkern::attention_bwd", _fake_bwd)
     torch.library.register_fake("rapkern::route_fwd", _fake_route_fwd)
+    torch.library.register_fake("rapkern::route_bwd", _fake_route_bwd)

@@ -1,10 +1,11 @@
-"""The CUDA routing forward (rapkern::route_fwd, csrc/cuda/route_*; issue 15) on this CPU-only machine.
+"""The CUDA routing kernels (rapkern::route_fwd / route_bwd, csrc/cuda/route_*; issue 15) on this CPU-only machine.
 
 Built with the rest of csrc/cuda (tests/test_cuda_ext.py's private build): the op is registered for CUDA, its
 kernels compile for sm_80 and sm_90a without spills, and the fake implementation gives the documented shapes
 for CUDA tensors. Emulated: the kernels' own code (route_fwd_kernel.cuh) with the op's host side
 (route_problem.h), compiled by g++ under csrc/cuda/host_emulation.h, against reference_lda_route (float64), the
-2x rule; top-k winners and their order exactly. UNVERIFIED ON A GPU: races, SASS and speed only a GPU shows.
+2x rule; top-k winners and their order exactly; the backward through the cuda backend's autograd Function against
+the reference's float64 autograd (q, centroids, answers, τ), bitwise reproducible. UNVERIFIED ON A GPU: races, SASS and speed only a GPU shows.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ STATIC_SMEM_LIMIT = 48 * 1024
 pytestmark = pytest.mark.skipif(_ext.load() is not None, reason=f"the op schemas come from rapkern._C: {_ext.load()}")
 
 
-def test_registers_route_fwd_for_cuda(cuda_lib):  # noqa: F811
+def test_registers_route_ops_for_cuda(cuda_lib):  # noqa: F811
     assert torch._C._dispatch_has_kernel_for_dispatch_key("rapkern::route_fwd", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("rapkern::route_bwd", "CUDA")
 
 
 def test_route_kernels_do_not_spill_and_fit_shared_memory(cuda_lib):  # noqa: F811
     usage = _resource_usage(cuda_lib)
     for arch in ARCHS:
         kernels = [k for k in usage[arch] if "route_" in str(k["name"])]
-        assert len(kernels) == 6, (arch, [k["name"] for k in usage[arch]])  # {dense, top-k} x 3 dtypes
+        # forward {dense, top-k} and backward {rows, clusters}, x 3 dtypes
+        assert len(kernels) == 12, (arch, [k["name"] for k in usage[arch]])
         for k in kernels:
             assert k["LOCAL"] == 0 and k["STACK"] == 0, f"register spill / local memory: {arch} {k}"
             assert k["SHARED"] <= STATIC_SMEM_LIMIT, f"{arch} {k}"
@@ -59,6 +62,7 @@ def test_fake_tensor_mode_shapes_on_cuda(top_k):
 EMU_SOURCE = r"""
 #include "cuda/host_emulation.h"
 #include "cuda/route_fwd_kernel.cuh"
+#include "cuda/route_bwd_kernel.cuh"
 #include "cuda/route_problem.h"
 #include <torch/library.h>
 
@@ -93,9 +97,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_fwd(
   }
   return {out, lse, w, idx};
 }
+// route_fwd_host.cpp's backward body, likewise.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& c, const at::Tensor& a,
+    const std::optional<at::Tensor>& mask, double tau, bool normalize, int64_t top_k, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& w, const at::Tensor& idx) {
+  std::vector<at::Tensor> held;
+  at::Tensor dq, dc, da, dz_logp;
+  RouteBwdParams p = host::make_route_bwd_params(dout, q, c, a, mask, tau, normalize, top_k, out, lse, w, idx,
+                                                 false, held, &dq, &dc, &da, &dz_logp);
+  if (p.f.G * p.f.N == 0) return {dq, dc.zero_(), da.zero_(), dz_logp};
+  const emu::Dim rows{static_cast<unsigned>(p.f.G * ((p.f.N + kRouteRows - 1) / kRouteRows)), 1, 1};
+  const emu::Dim clusters{static_cast<unsigned>(p.f.G * ((p.f.n + kRouteRows - 1) / kRouteRows)), 1, 1};
+  auto run_bwd = [&](auto tag) {
+    using T = decltype(tag);
+    emu::launch(route::route_bwd_rows_kernel<T>, rows, kRouteRows * 32, p);
+    emu::launch(route::route_bwd_clusters_kernel<T>, clusters, kRouteRows * 32, p);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run_bwd(float{}); break;
+    case at::kHalf: run_bwd(__half{}); break;
+    default: run_bwd(__nv_bfloat16{}); break;
+  }
+  return {dq, dc, da, dz_logp};
+}
 }  // namespace
 
-TORCH_LIBRARY(rapkern_cuda_emu_route, m) { m.def("route_fwd", &route_fwd); }
+TORCH_LIBRARY(rapkern_cuda_emu_route, m) {
+  m.def("route_fwd", &route_fwd);
+  m.def("route_bwd", &route_bwd);
+}
 """
 
 
@@ -123,6 +154,13 @@ def emulated():
                                extra_cflags=["-O2", "-g0", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
                                is_python_module=False, verbose=False)
     return torch.ops.rapkern_cuda_emu_route.route_fwd
+
+
+@pytest.fixture
+def emulated_ops(emulated, monkeypatch):
+    """rapkern.backends.cuda.routing's autograd Function on CPU tensors, its two ops run by the emulation."""
+    monkeypatch.setattr(torch.ops.rapkern, "route_fwd", torch.ops.rapkern_cuda_emu_route.route_fwd)
+    monkeypatch.setattr(torch.ops.rapkern, "route_bwd", torch.ops.rapkern_cuda_emu_route.route_bwd)
 
 
 def _inputs(g, n_q, n, d, e, dtype, shared, gen):
@@ -174,6 +212,74 @@ def test_emulated_route_matches_reference(emulated, top_k, dtype, normalize, sha
         assert lse.shape == (g, n_q)
         dead = torch.zeros(g, dtype=torch.bool) if mask is None else mask.all(-1)  # groups with no cluster
         assert torch.isneginf(lse[dead]).all() and torch.isfinite(lse[~dead]).all()
+
+
+GRAD_CASES = [
+    # top_k, dtype, normalize, (G, N, n, d, e), shared table, mask, learnable tau
+    (0, torch.float32, True, (2, 9, 13, 40, 150), False, "some", True),  # d, e: one and two column passes
+    (0, torch.float16, True, (1, 10, 9, 16, 8), True, "none", False),
+    (0, torch.float32, False, (3, 8, 7, 20, 5), False, "empty group", True),
+    (3, torch.float32, True, (2, 9, 17, 24, 140), False, "some", True),
+    (4, torch.float16, False, (1, 11, 12, 33, 7), True, "none", False),
+    (2, torch.float32, True, (3, 7, 6, 8, 9), False, "empty group", False),
+]
+
+
+@pytest.mark.parametrize("top_k,dtype,normalize,shape,shared,mask_kind,learn_tau", GRAD_CASES)
+def test_emulated_route_gradients_match_reference(emulated_ops, top_k, dtype, normalize, shape, shared, mask_kind,
+                                                  learn_tau):
+    """The cuda backend's autograd Function (route_fwd/route_bwd kernels under the emulation, the Jacobians and
+    dτ in Python) against reference_lda_route's autograd in float64: q, centroids, answers and τ, 2x rule."""
+    from rapkern.backends.cuda.routing import CudaRouteFunction
+
+    gen = torch.Generator().manual_seed(11)
+    g, n_q, n, d, e = shape
+    q, c, a = _inputs(g, n_q, n, d, e, dtype, False, gen)
+    c, a = (c[:1], a[:1]) if shared else (c, a)
+    leaves = [t.clone().requires_grad_() for t in (q, c, a)]
+    tau = torch.tensor(0.3, requires_grad=True) if learn_tau else 0.3
+    mask = None
+    if mask_kind != "none":
+        mask = torch.rand(g, n, generator=gen) < 0.3
+        mask[:, 0] = False
+        if mask_kind == "empty group":
+            mask[1] = True
+    dout = torch.randn(g, n_q, e, generator=gen).to(dtype)
+
+    def grads(fn, cast):
+        xs = [t.detach().to(cast).requires_grad_() for t in leaves]
+        tt = tau.detach().to(cast).requires_grad_() if learn_tau else tau
+        cq, cc, ca = xs[0], xs[1].expand(g, n, d), xs[2].expand(g, n, e)
+        out = fn(cq, cc, ca, tt)
+        wrt = xs + ([tt] if learn_tau else [])
+        return torch.autograd.grad(out, wrt, dout.to(out.dtype))
+
+    def kernel(cq, cc, ca, tt):
+        cfg = (float(tt.detach()) if learn_tau else tt, normalize, top_k)
+        return CudaRouteFunction.apply(cfg, cq, cc, ca, mask, tt if learn_tau else None)
+
+    def reference(cdt):
+        return lambda cq, cc, ca, tt: reference_lda_route(cq, cc, ca, tau=tt, top_k=top_k or None,
+                                                          normalize=normalize, cluster_mask=mask,
+                                                          compute_dtype=cdt)
+
+    got = grads(kernel, dtype)
+    ref = grads(reference(torch.float64), torch.float64)
+    low = grads(reference(dtype), dtype)
+    for name, x, r, lo in zip(("dq", "dcentroids", "danswers", "dtau"), got, ref, low):
+        assert_close_to_reference(name, x.float(), r, lo.float(), 1e-4 if dtype == torch.float16 else 1e-5)
+
+
+def test_emulated_route_backward_is_bitwise_reproducible(emulated_ops):
+    from rapkern.backends.cuda.routing import CudaRouteFunction
+
+    gen = torch.Generator().manual_seed(2)
+    q, c, a = (t.requires_grad_() for t in _inputs(2, 9, 10, 16, 8, torch.float32, False, gen))
+    dout = torch.randn(2, 9, 8, generator=gen)
+    runs = [torch.autograd.grad(CudaRouteFunction.apply((0.2, True, k), q, c, a, None, None), (q, c, a), dout)
+            for k in (0, 0, 3, 3)]
+    for first, second in ((runs[0], runs[1]), (runs[2], runs[3])):
+        assert all(torch.equal(x, y) for x, y in zip(first, second))
 
 
 def test_emulated_topk_ties_keep_the_lower_index(emulated):
@@ -245,6 +351,26 @@ def test_gpu_route_matches_reference(dtype, top_k, mask_kind):
         assert torch.equal(idx, ref_w[1])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_gpu_route_gradients_match_reference_and_repeat_bitwise(top_k):
+    import rapkern
+
+    gen = torch.Generator().manual_seed(4)
+    q, c, a = (t.cuda().requires_grad_() for t in _inputs(2, 300, 150, 64, 96, torch.float32, False, gen))
+    tau = torch.tensor(0.2, device="cuda", requires_grad=True)
+    dout = torch.randn(2, 300, 96, generator=gen).cuda()
+    runs = [torch.autograd.grad(rapkern.lda_route(q, c, a, tau=tau, top_k=top_k, backend="cuda"), (q, c, a, tau),
+                                dout) for _ in range(20)]
+    assert all(torch.equal(x, y) for r in runs[1:] for x, y in zip(runs[0], r))
+    ref = torch.autograd.grad(reference_lda_route(q, c, a, tau=tau, top_k=top_k), (q, c, a, tau), dout.double())
+    low = torch.autograd.grad(reference_lda_route(q, c, a, tau=tau, top_k=top_k, compute_dtype=torch.float32),
+                              (q, c, a, tau), dout)
+    for name, x, r, lo in zip(("dq", "dc", "da", "dtau"), runs[0], ref, low):
+        assert_close_to_reference(name, x, r, lo, 1e-5)
+
+
 # ------------------------------------------------------------------------------------------- the backend
 
 
@@ -256,8 +382,6 @@ def test_backend_reasons_for_routing():
     q, c, a = torch.randn(5, 8), torch.randn(70, 8), torch.randn(70, 4)
     why = CudaBackend().route_reasons(check_route(q, c, a, tau=0.1, top_k=65, normalize=True))
     assert any("device type 'cpu'" in w for w in why) and any("top_k = 65 > 64" in w for w in why)
-    why = CudaBackend().route_reasons(check_route(q.requires_grad_(), c, a, tau=0.1, top_k=None, normalize=True))
-    assert any("backward is not implemented yet" in w for w in why)
     with pytest.raises(NotImplementedError, match="backend 'cuda' cannot run lda_route"):
         rapkern.lda_route(q, c, a, backend="cuda")
 

@@ -33,3 +33,31 @@ constexpr int kRouteRows = 8;      // query rows per CTA: one warp each
 cudaError_t launch_route_fwd(const RouteParams& p, int dtype, cudaStream_t stream);
 
 }  // namespace rapkern::cuda
+
+namespace rapkern::cuda {
+
+// The routing backward's parameters (rapkern::route_bwd): the forward's inputs (the RouteParams part: q, c, a,
+// rc, mask, strides, sizes, top_k), the forward's results, and the outputs, all float32 and contiguous.
+// With z_ij = (q_i·c_j)·rs_i·rc_j (rs_i = rq_i/τ) and P the routing weights: dP_ij = dout_i·a_j,
+// dZ_ij = P_ij (dP_ij - δ_i) with δ_i = dout_i·out_i, and dX_ij = dZ_ij·rs_i·rc_j. The kernels give the gradients
+// with the inverse norms held fixed, U_i = Σ_j dX_ij c_j, V_j = Σ_i dX_ij q_i, and dA_j = Σ_i P_ij dout_i; the
+// normalization Jacobians and dτ are O(rows·d) torch ops (rapkern/backends/cuda/routing.py).
+struct RouteBwdParams {
+  RouteParams f;                 // the forward's inputs (out/lse/w/idx there unused)
+  const void* dout = nullptr;    // (G, N, e), unit last stride, q's dtype
+  int64_t dout_sg = 0, dout_sn = 0;
+  const float* rs = nullptr;     // (G, N) rq_i / τ
+  const float* delta = nullptr;  // (G, N) dout_i·out_i
+  const float* lse = nullptr;    // dense: (G, N) natural log, -inf for a group with no cluster
+  const float* w = nullptr;      // top-k: (G, N, K) weights
+  const int64_t* idx = nullptr;  // top-k: (G, N, K) cluster indices
+  float* dq = nullptr;           // U (G, N, d)
+  float* dc = nullptr;           // V (G, n, d)
+  float* da = nullptr;           // dA (G, n, e)
+  float* dz_logp = nullptr;      // (G, N): Σ_j dZ_ij·log P_ij = Σ_j dZ_ij·(z_ij - lse_i), for dτ = -(1/τ) Σ_i of it
+};
+
+// Launches the row kernel (U) and the cluster kernel (V, dA); returns the first launch error.
+cudaError_t launch_route_bwd(const RouteBwdParams& p, int dtype, cudaStream_t stream);
+
+}  // namespace rapkern::cuda

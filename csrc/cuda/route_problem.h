@@ -78,4 +78,64 @@ inline RouteParams make_route_params(const at::Tensor& q_in, const at::Tensor& c
   return p;
 }
 
+// The backward's parameters: the forward's (make_route_params) plus dout, the per-row scales rs_i = rq_i / τ and
+// δ_i = dout_i·out_i (float32, computed here with at:: ops), the saved lse or top-k weights and indices, and
+// float32 outputs U (G, N, d), V (G, n, d), dA (G, n, e) and dτ's row terms (G, N) allocated here.
+inline RouteBwdParams make_route_bwd_params(const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& c,
+                                            const at::Tensor& a, const std::optional<at::Tensor>& cluster_mask,
+                                            double tau, bool normalize, int64_t top_k, const at::Tensor& out,
+                                            const at::Tensor& lse, const at::Tensor& weights,
+                                            const at::Tensor& indices, bool expect_cuda,
+                                            std::vector<at::Tensor>& held, at::Tensor* dq, at::Tensor* dc,
+                                            at::Tensor* da, at::Tensor* dz_logp) {
+  RouteBwdParams p;
+  p.f = make_route_params(q, c, a, cluster_mask, tau, normalize, top_k, expect_cuda, held);
+  const RouteParams& f = p.f;
+  const std::pair<const char*, const at::Tensor*> same[] = {{"dout", &dout_in}, {"out", &out}};
+  for (const auto& [name, t] : same) {
+    TORCH_CHECK(t->device() == q.device() && t->scalar_type() == q.scalar_type(), kRouteOp, ": ", name,
+                " must have q's device and dtype");
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == f.G && t->size(1) == f.N && t->size(2) == f.e, kRouteOp, ": ",
+                name, " must have shape (G, N, e) = (", f.G, ", ", f.N, ", ", f.e, "), got ", t->sizes());
+  }
+  const at::Tensor dout = route_unit_last(dout_in);
+  held.push_back(dout);
+  p.dout = dout.data_ptr();
+  p.dout_sg = dout.stride(0), p.dout_sn = dout.stride(1);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor rs = normalize ? q.to(at::kFloat).norm(2, {-1}).clamp_min(1e-8).reciprocal().mul(1.0 / tau)
+                            : at::full({f.G, f.N}, 1.0 / tau, f32);
+  at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  rs = rs.contiguous(), delta = delta.contiguous();
+  held.insert(held.end(), {rs, delta});
+  p.rs = rs.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  if (top_k == 0) {
+    TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == f.G && lse.size(1) == f.N,
+                kRouteOp, ": lse must be float32 (G, N) = (", f.G, ", ", f.N, "), got ", lse.sizes());
+    const at::Tensor l = lse.contiguous();
+    held.push_back(l);
+    p.lse = l.data_ptr<float>();
+  } else {
+    TORCH_CHECK(weights.scalar_type() == at::kFloat && indices.scalar_type() == at::kLong &&
+                    weights.sizes() == indices.sizes() && weights.dim() == 3 && weights.size(0) == f.G &&
+                    weights.size(1) == f.N && weights.size(2) == top_k,
+                kRouteOp, ": weights (float32) and indices (int64) must have shape (G, N, top_k) = (", f.G, ", ",
+                f.N, ", ", top_k, "), got ", weights.sizes(), " and ", indices.sizes());
+    const at::Tensor w = weights.contiguous(), i = indices.contiguous();
+    held.insert(held.end(), {w, i});
+    p.w = w.data_ptr<float>();
+    p.idx = i.data_ptr<int64_t>();
+  }
+  *dq = at::empty({f.G, f.N, f.d}, f32);
+  *dc = at::empty({f.G, f.n, f.d}, f32);
+  *da = at::empty({f.G, f.n, f.e}, f32);
+  p.dq = dq->data_ptr<float>();
+  p.dc = dc->data_ptr<float>();
+  p.da = da->data_ptr<float>();
+  *dz_logp = at::zeros({f.G, f.N}, f32);
+  p.dz_logp = dz_logp->data_ptr<float>();
+  return p;
+}
+
 }  // namespace rapkern::cuda::host

@@ -47,6 +47,15 @@ def alpha_grad(alpha_t, dalpha, heads: int, needed: bool):
     return (dalpha.sum() if alpha_t.dim() == 0 else dalpha).to(alpha_t.dtype)
 
 
+def unnormalize_grad(x, g, r):
+    """The gradient w.r.t. x from ``g``, its gradient with the scale r = 1/max(|x|, eps) held fixed:
+    ``g - r²(x·g) x`` where |x| > eps (the clamp has no gradient)."""
+    xf = x.float()
+    proj = (xf * g).sum(-1, keepdim=True) * r.square().unsqueeze(-1)
+    live = xf.norm(dim=-1, keepdim=True) > 1e-8  # lda_route's norm clamp
+    return g - torch.where(live, proj, torch.zeros_like(proj)) * xf
+
+
 class _NoDoubleBackward(torch.autograd.Function):
     """Identity on first-order gradients whose own backward raises: rapkern's backward passes are not
     differentiable, and saying so beats an internal ATen message (or silently wrong second derivatives)."""

@@ -61,7 +61,7 @@ class CudaBackend(Backend):
     def attention(self, p):
         return cpp_attention(p)  # the same op call as the cpp backend; the dispatcher picks the CUDA kernel
 
-    # lda_route: dense and top-k forward (rapkern::route_fwd; routing.py), no backward yet
+    # lda_route: dense and top-k, forward and backward (rapkern::route_fwd / route_bwd; routing.py)
     def route_reasons(self, p):
         return route_reasons(p)
 

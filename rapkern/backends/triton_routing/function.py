@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import guard_double_backward
+from ..base import guard_double_backward, unnormalize_grad
 from .launch import col_scale, route_bwd, route_fwd, route_topk_bwd, route_topk_fwd
 
 
@@ -16,15 +16,6 @@ def _unit_last(t):
     if t.is_cuda and (t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:-1])):
         return t.contiguous()
     return t
-
-
-def _unnormalize(x, g, r):
-    """Gradient w.r.t. x from the gradient ``g`` w.r.t. the scaled rows (x·r, r = 1/max(|x|, eps)) when the
-    scale is held fixed: ``g - r²(x·g) x`` where |x| > eps (the clamp has no gradient)."""
-    xf = x.float()
-    proj = (xf * g).sum(-1, keepdim=True) * r.square().unsqueeze(-1)
-    live = (xf.norm(dim=-1, keepdim=True) > 1e-8)
-    return g - torch.where(live, proj, torch.zeros_like(proj)) * xf
 
 
 class TritonRouteFunction(torch.autograd.Function):
@@ -64,9 +55,9 @@ class TritonRouteFunction(torch.autograd.Function):
             dtau = (-(q.float() * u).sum() / tau).to(tau_t.dtype).reshape(tau_t.shape)
         dq = dc = None
         if nig[1]:
-            dq = (_unnormalize(q, u, rq) if normalize else u).to(q.dtype)
+            dq = (unnormalize_grad(q, u, rq) if normalize else u).to(q.dtype)
         if nig[2]:
-            dc = (_unnormalize(c, v, rc) if normalize else v).to(c.dtype)
+            dc = (unnormalize_grad(c, v, rc) if normalize else v).to(c.dtype)
         return None, dq, dc, da.to(a.dtype) if nig[3] else None, None, dtau
 
 
