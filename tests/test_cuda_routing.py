@@ -174,6 +174,17 @@ def _inputs(g, n_q, n, d, e, dtype, shared, gen):
     return q, c, a
 
 
+def _mask(g, n, kind, gen):
+    """None, a random cluster mask ("some"), or one with group 1 entirely absent ("empty group")."""
+    if kind == "none":
+        return None
+    mask = torch.rand(g, n, generator=gen) < 0.3
+    mask[:, 0] = False
+    if kind == "empty group":
+        mask[1] = True
+    return mask
+
+
 EMU_CASES = [
     # top_k, dtype, normalize, (G, N, n, d, e), shared table, mask ("none", "some", "empty group")
     (0, torch.float32, True, (2, 11, 19, 40, 150), False, "none"),   # e > 128: two column passes
@@ -192,12 +203,7 @@ def test_emulated_route_matches_reference(emulated, top_k, dtype, normalize, sha
     gen = torch.Generator().manual_seed(7)
     g, n_q, n, d, e = shape
     q, c, a = _inputs(g, n_q, n, d, e, dtype, shared, gen)
-    mask = None
-    if mask_kind != "none":
-        mask = torch.rand(g, n, generator=gen) < 0.3
-        mask[:, 0] = False
-        if mask_kind == "empty group":
-            mask[1] = True
+    mask = _mask(g, n, mask_kind, gen)
     tau = 0.2
     out, lse, w, idx = emulated(q, c, a, mask, tau, normalize, top_k)
     kw = dict(tau=tau, top_k=top_k or None, normalize=normalize, cluster_mask=mask, return_weights=True)
@@ -238,12 +244,7 @@ def test_emulated_route_gradients_match_reference(emulated_ops, top_k, dtype, no
     c, a = (c[:1], a[:1]) if shared else (c, a)
     leaves = [t.clone().requires_grad_() for t in (q, c, a)]
     tau = torch.tensor(0.3, requires_grad=True) if learn_tau else 0.3
-    mask = None
-    if mask_kind != "none":
-        mask = torch.rand(g, n, generator=gen) < 0.3
-        mask[:, 0] = False
-        if mask_kind == "empty group":
-            mask[1] = True
+    mask = _mask(g, n, mask_kind, gen)
     dout = torch.randn(g, n_q, e, generator=gen).to(dtype)
 
     def grads(fn, cast):

@@ -6,37 +6,23 @@
 // own code runs under the host emulation against reference_lda_route (tests/test_cuda_routing.py).
 #include <cuda_runtime.h>
 
-#include "cuda/fwd_params.h"
+#include "cuda/dtype_dispatch.h"
 #include "cuda/route_fwd_kernel.cuh"
 #include "cuda/route_params.h"
 
 namespace rapkern::cuda {
-namespace {
-
-template <typename T>
-cudaError_t launch_typed(const RouteParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(p.G * ((p.N + kRouteRows - 1) / kRouteRows)));
-  if (p.top_k == 0) {
-    route::route_dense_kernel<T><<<grid, kRouteRows * 32, 0, stream>>>(p);
-  } else {
-    route::route_topk_kernel<T><<<grid, kRouteRows * 32, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
-}
-
-}  // namespace
 
 cudaError_t launch_route_fwd(const RouteParams& p, int dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case kF32:
-      return launch_typed<float>(p, stream);
-    case kF16:
-      return launch_typed<__half>(p, stream);
-    case kBF16:
-      return launch_typed<__nv_bfloat16>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(static_cast<unsigned>(p.G * ((p.N + kRouteRows - 1) / kRouteRows)));
+    if (p.top_k == 0) {
+      route::route_dense_kernel<T><<<grid, kRouteRows * 32, 0, stream>>>(p);
+    } else {
+      route::route_topk_kernel<T><<<grid, kRouteRows * 32, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace rapkern::cuda
