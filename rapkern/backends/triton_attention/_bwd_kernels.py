@@ -62,6 +62,10 @@ def _attn_bwd_dq_kernel(
     p2_base = off_b.to(tl.int64) * sp2_b + off_h.to(tl.int64) * sp2_h
     dpr_base = off_bh.to(tl.int64) * Lq * dpr_r
     alpha = tl.load(Alpha + off_h)
+    # banded prior: read here, not in _logits, with 32-bit in-tile offsets from the block's int64 row base
+    # (|offset| < BLOCK_M·sp_r + 2W·sp_c): measured, this keeps dq at the no-prior tile at head dim 128
+    p_blk = P_ptr + p_base + tl.cast(start_m * BLOCK_M, tl.int64) * sp_r
+    rows_l = tl.arange(0, BLOCK_M)
 
     lo, hi = _key_block_range(start_m, Lk, PW, PRIOR, MASK_OUT, CAUSAL, BLOCK_M, BLOCK_N)
 
@@ -72,10 +76,33 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kT = _load_rows_T(k_base, start_n, sk_n, offs_d, n_ok, D, BLOCK_N)
-        s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk,
-                       off_b, Kpm, skpm_b,
-                       P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                       PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, NEED_DALPHA, False)
+        if PRIOR == 2:
+            s = _dot(q, kT, IEEE) * qk_scale
+            off = offs_n[None, :] - offs_m[:, None] + PW
+            inside = (off >= 0) & (off <= 2 * PW)
+            valid = n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_KPM:
+                pad = tl.load(Kpm + off_b.to(tl.int64) * skpm_b + offs_n, mask=n_ok, other=1)
+                valid = valid & (pad[None, :] == 0)
+            if MASK_OUT:
+                valid = valid & inside
+            b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if NEED_DALPHA:  # d(alpha) needs B even where alpha = 0
+                b = tl.load(p_blk + (rows_l[:, None] * sp_r + off * sp_c),
+                            mask=inside & m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                s = s + (alpha * LOG2E) * b
+            elif alpha != 0:  # heads with alpha = 0 skip the prior read
+                b = tl.load(p_blk + (rows_l[:, None] * sp_r + off * sp_c),
+                            mask=inside & m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                s = s + (alpha * LOG2E) * b
+            s = tl.where(valid, s, float("-inf"))
+        else:
+            s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk,
+                           off_b, Kpm, skpm_b,
+                           P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
+                           PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, NEED_DALPHA, False)
         p = tl.math.exp2(s - lse2[:, None])
         vT = _load_rows_T(v_base, start_n, sv_n, offs_dv, n_ok, DV, BLOCK_N)
         dp = _dot(do, vT, IEEE)
