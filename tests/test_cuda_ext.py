@@ -290,32 +290,40 @@ TORCH_LIBRARY(rapkern_cuda_emu, m) { m.def("attention_fwd", &attention_fwd); }
 """
 
 
-@pytest.fixture(scope="module")
-def emulated():
-    """The CUDA forward kernel's own code (attention_fwd_kernel.cuh) with the CUDA op's host side
-    (fwd_problem.h), compiled by g++ under csrc/cuda/host_emulation.h; torch.ops.rapkern_cuda_emu.attention_fwd."""
+def load_emulation(source: str, namespace: str, op: str, tag: str):
+    """Compiles ``source`` (C++ that includes csrc/cuda/host_emulation.h and kernel headers, defining ``op``
+    among others in ``namespace``) with g++, cached under CACHE by the hash of csrc/cuda's headers and the
+    source; returns ``torch.ops.<namespace>``. Skips without the toolkit's headers."""
     home = _toolkit()
     if home is None:
         pytest.skip("no CUDA toolkit headers (cuda_fp16.h, cuda_bf16.h; set CUDA_HOME)")
     from torch.utils import cpp_extension
 
+    ops = getattr(torch.ops, namespace)
     files = sorted((ROOT / "csrc" / "cuda").glob("*.h")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in files) + EMU_SOURCE.encode()).hexdigest()[:12]
-    build = CACHE / f"cuda_emu_{key}"
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in files) + source.encode()).hexdigest()[:12]
+    build = CACHE / f"{tag}_{key}"
     build.mkdir(parents=True, exist_ok=True)
-    name = f"rapkern_cuda_emu_{key}"
+    name = f"rapkern_{tag}_{key}"
     so = build / f"{name}.so"
-    if not hasattr(torch.ops.rapkern_cuda_emu, "attention_fwd"):
+    if not hasattr(ops, op):  # not loaded in this process yet
         if so.exists() and not (build / "lock").exists():
             torch.ops.load_library(str(so))
         else:
             src = build / "emu.cpp"
-            src.write_text(EMU_SOURCE)
+            src.write_text(source)
             cpp_extension.load(name=name, sources=[str(src)], build_directory=str(build),
                                extra_include_paths=[str(ROOT / "csrc"), os.path.join(home, "include")],
                                extra_cflags=["-O2", "-g0", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
                                is_python_module=False, verbose=False)
-    return torch.ops.rapkern_cuda_emu.attention_fwd
+    return ops
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The CUDA forward kernel's own code (attention_fwd_kernel.cuh) with the CUDA op's host side
+    (fwd_problem.h), compiled by g++ under csrc/cuda/host_emulation.h; torch.ops.rapkern_cuda_emu.attention_fwd."""
+    return load_emulation(EMU_SOURCE, "rapkern_cuda_emu", "attention_fwd", "cuda_emu").attention_fwd
 
 
 EMU_CASES = [

@@ -5,20 +5,18 @@ kernels compile for sm_80 and sm_90a without spills, and the fake implementation
 for CUDA tensors. Emulated: the kernels' own code (route_fwd_kernel.cuh) with the op's host side
 (route_problem.h), compiled by g++ under csrc/cuda/host_emulation.h, against reference_lda_route (float64), the
 2x rule; top-k winners and their order exactly; the backward through the cuda backend's autograd Function against
-the reference's float64 autograd (q, centroids, answers, τ), bitwise reproducible. UNVERIFIED ON A GPU: races, SASS and speed only a GPU shows.
+the reference's float64 autograd (q, centroids, answers, τ), bitwise reproducible.
+UNVERIFIED ON A GPU: races, SASS and speed only a GPU shows.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-
 import pytest
 import torch
+from test_cuda_ext import _resource_usage, cuda_lib, load_emulation  # noqa: F401  (cuda_lib: a fixture)
 
 from rapkern import _ext
 from rapkern.testing import assert_close_to_reference, reference_lda_route
-from test_cuda_ext import CACHE, ROOT, _resource_usage, _toolkit, cuda_lib  # noqa: F401  (cuda_lib: a fixture)
 
 ARCHS = ("sm_80", "sm_90a")
 STATIC_SMEM_LIMIT = 48 * 1024
@@ -132,28 +130,7 @@ TORCH_LIBRARY(rapkern_cuda_emu_route, m) {
 
 @pytest.fixture(scope="module")
 def emulated():
-    home = _toolkit()
-    if home is None:
-        pytest.skip("no CUDA toolkit headers (cuda_fp16.h, cuda_bf16.h; set CUDA_HOME)")
-    from torch.utils import cpp_extension
-
-    files = sorted((ROOT / "csrc" / "cuda").glob("*.h")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in files) + EMU_SOURCE.encode()).hexdigest()[:12]
-    build = CACHE / f"cuda_emu_route_{key}"
-    build.mkdir(parents=True, exist_ok=True)
-    name = f"rapkern_cuda_emu_route_{key}"
-    so = build / f"{name}.so"
-    if not hasattr(torch.ops.rapkern_cuda_emu_route, "route_fwd"):
-        if so.exists() and not (build / "lock").exists():
-            torch.ops.load_library(str(so))
-        else:
-            src = build / "emu.cpp"
-            src.write_text(EMU_SOURCE)
-            cpp_extension.load(name=name, sources=[str(src)], build_directory=str(build),
-                               extra_include_paths=[str(ROOT / "csrc"), os.path.join(home, "include")],
-                               extra_cflags=["-O2", "-g0", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
-                               is_python_module=False, verbose=False)
-    return torch.ops.rapkern_cuda_emu_route.route_fwd
+    return load_emulation(EMU_SOURCE, "rapkern_cuda_emu_route", "route_fwd", "cuda_emu_route").route_fwd
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_validation import ATTENTION_ERRORS, base
 
 import rapkern
 from rapkern import _ext, dispatch, functional
 from rapkern.priors import BandedPrior, DensePrior, LowRankPrior, RelativeLagPrior
-from test_validation import ATTENTION_ERRORS, base
 
 pytestmark = pytest.mark.skipif(_ext.load() is not None, reason=str(_ext.load()))
 

@@ -66,12 +66,15 @@ inline RouteParams make_route_params(const at::Tensor& q_in, const at::Tensor& c
     p.m_sg = m.stride(0), p.m_sn = m.stride(1);
   }
   // The inverse centroid norms, once per call (not per query row): 1 / max(|c_j|, eps), as reference_lda_route.
-  at::Tensor rc = normalize ? c.to(at::kFloat).norm(2, {-1}).clamp_min(1e-8).reciprocal()
-                            : at::ones({p.G, p.n}, q.options().dtype(at::kFloat));
+  // A shared table (group stride 0) is normed once, not once per group.
+  const bool shared = p.G > 1 && c.stride(0) == 0;
+  const at::Tensor table = shared ? c.select(0, 0).unsqueeze(0) : c;
+  at::Tensor rc = normalize ? table.to(at::kFloat).norm(2, {-1}).clamp_min(1e-8).reciprocal()
+                            : at::ones({table.size(0), p.n}, q.options().dtype(at::kFloat));
   rc = rc.contiguous();
   held.push_back(rc);
   p.rc = rc.data_ptr<float>();
-  p.rc_sg = p.n;
+  p.rc_sg = shared ? 0 : p.n;
   p.inv_tau = static_cast<float>(1.0 / tau);
   p.normalize = normalize;
   p.top_k = static_cast<int>(top_k);
