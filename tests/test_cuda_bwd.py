@@ -15,8 +15,6 @@ and autograd, and 100 repeated backwards bitwise equal.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from rapkern.testing import assert_close_to_reference, reference_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers  # noqa: E402
-from test_cuda_ext import CACHE, EMU_SOURCE, HAVE_CUDA, KINDS, ROOT, _toolkit  # noqa: E402
+from test_cuda_ext import EMU_SOURCE, HAVE_CUDA, KINDS, load_emulation  # noqa: E402
 
 EMU_BWD_SOURCE = EMU_SOURCE.replace("TORCH_LIBRARY(rapkern_cuda_emu, m)", "TORCH_LIBRARY(rapkern_cuda_emu_b, m)") \
     .replace('#include "cuda/fwd_problem.h"', '#include "cuda/fwd_problem.h"\n#include "cuda/attention_bwd_kernel.cuh"'
@@ -79,28 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 @pytest.fixture(scope="module")
 def emu():
     """torch.ops.rapkern_cuda_emu_b.{attention_fwd, attention_bwd}: the CUDA kernels and host sides, emulated."""
-    home = _toolkit()
-    if home is None:
-        pytest.skip("no CUDA toolkit headers (cuda_fp16.h, cuda_bf16.h; set CUDA_HOME)")
-    from torch.utils import cpp_extension
-
-    files = sorted((ROOT / "csrc" / "cuda").glob("*.h")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in files) + EMU_BWD_SOURCE.encode()).hexdigest()[:12]
-    build = CACHE / f"cuda_emu_bwd_{key}"
-    build.mkdir(parents=True, exist_ok=True)
-    name = f"rapkern_cuda_emu_bwd_{key}"
-    so = build / f"{name}.so"
-    if not hasattr(torch.ops.rapkern_cuda_emu_b, "attention_bwd"):
-        if so.exists() and not (build / "lock").exists():
-            torch.ops.load_library(str(so))
-        else:
-            src = build / "emu_bwd.cpp"
-            src.write_text(EMU_BWD_SOURCE)
-            cpp_extension.load(name=name, sources=[str(src)], build_directory=str(build),
-                               extra_include_paths=[str(ROOT / "csrc"), os.path.join(home, "include")],
-                               extra_cflags=["-O2", "-g0", "-std=c++20", "-pthread"], extra_ldflags=["-pthread"],
-                               is_python_module=False, verbose=False)
-    return torch.ops.rapkern_cuda_emu_b
+    return load_emulation(EMU_BWD_SOURCE, "rapkern_cuda_emu_b", "attention_bwd", "cuda_emu_bwd")
 
 
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -108,9 +85,12 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 def _ref_grads(q, k, v, prior, alpha, dt, gout, glse, **kw):
     """Gradients of the reference computed in dt (float64: the truth; the input dtype: the eager baseline)."""
-    qq, kk, vv = (helpers.leaf_like(t, dt) for t in (q, k, v))
-    pr = None if prior is None else prior.with_tensors(*(helpers.leaf_like(t, dt) for t in prior.tensors()))
-    al = helpers.leaf_like(alpha, dt) if isinstance(alpha, torch.Tensor) else alpha
+    def leaf(t):
+        return t.detach().to(dt).requires_grad_()
+
+    qq, kk, vv = (leaf(t) for t in (q, k, v))
+    pr = None if prior is None else prior.with_tensors(*(leaf(t) for t in prior.tensors()))
+    al = leaf(alpha) if isinstance(alpha, torch.Tensor) else alpha
     out, lse = reference_attention(qq, kk, vv, prior=pr, alpha=al, return_lse=True, compute_dtype=dt, **kw)
     leaves = [qq, kk, vv] + ([] if pr is None else list(pr.tensors())) + ([al] if isinstance(al, torch.Tensor) else [])
     live = torch.isfinite(lse)
