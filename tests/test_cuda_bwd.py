@@ -26,7 +26,7 @@ from rapkern.testing import assert_close_to_reference, reference_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helpers  # noqa: E402
-from test_cuda_ext import EMU_SOURCE, HAVE_CUDA, KINDS, load_emulation  # noqa: E402
+from test_cuda_ext import EMU_SOURCE, HAVE_CUDA, KINDS, _resource_usage, cuda_lib, load_emulation  # noqa: E402,F401
 
 EMU_BWD_SOURCE = EMU_SOURCE.replace("TORCH_LIBRARY(rapkern_cuda_emu, m)", "TORCH_LIBRARY(rapkern_cuda_emu_b, m)") \
     .replace('#include "cuda/fwd_problem.h"', '#include "cuda/fwd_problem.h"\n#include "cuda/attention_bwd_kernel.cuh"'
@@ -72,6 +72,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 }  // namespace
 """, 1)
+
+
+def test_backward_kernels_are_compiled_for_both_architectures(cuda_lib):  # noqa: F811
+    """dq and dk/dv kernels per dtype x head dim (64, 128), one reduction kernel; no spills, static shared memory
+    within 48 KB (test_cuda_ext.py checks every kernel of the module for that)."""
+    usage = _resource_usage(cuda_lib)
+    for arch in ("sm_80", "sm_90a"):
+        names = [str(k["name"]) for k in usage[arch]]
+        for kernel, n in (("attention_bwd_q_kernel", 6), ("attention_bwd_kv_kernel", 6),
+                          ("attention_bwd_reduce_kernel", 1)):
+            found = [k for k in usage[arch] if kernel in str(k["name"])]
+            assert len(found) == n, (arch, kernel, names)
+            for k in found:
+                assert k["LOCAL"] == 0 and k["STACK"] == 0 and k["SHARED"] <= 48 * 1024, (arch, k)
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def test_kernels_do_not_spill_and_fit_shared_memory(cuda_lib):
     for arch in ARCHS:
         kernels = [k for k in usage[arch] if "attention_fwd_kernel" in str(k["name"])]
         assert len(kernels) == KERNELS_PER_ARCH, (arch, [k["name"] for k in usage[arch]])
-        for k in kernels:
+        for k in usage[arch]:  # every kernel of the module (forward, backward, routing)
             what = f"{arch} {k['name']}: {k}"
             assert k["LOCAL"] == 0 and k["STACK"] == 0, f"register spill / local memory: {what}"
             assert k["SHARED"] <= STATIC_SMEM_LIMIT, f"static shared memory above 48 KB: {what}"

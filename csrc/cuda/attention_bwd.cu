@@ -6,8 +6,9 @@
 // emulation (host_emulation.h) against the float64 reference (tests/test_cuda_bwd.py).
 //
 // FlashAttention-2's split (as the Triton backend): a dk/dv kernel per (b, kv head, block of 64 keys) looping over
-// the GQA group and the query rows that can see the block, a dq kernel per (b, q head, block of 64 queries)
-// looping over the visible key tiles; both recompute the logits with the forward's code. Prior gradients:
+// the GQA group and the query rows that can see the block, a dq kernel per (b, q head, block of 64 queries, 32 at
+// head dim 128: bwd_q_rows) looping over the visible key tiles; both recompute the logits with the forward's code.
+// Prior gradients:
 //   band / dense / low-rank u rows: written by the dq kernel when each prior slab belongs to one (b, h) pair,
 //     else by a second launch of it per (bp, hp) slab that visits the slab's pairs in a fixed order;
 //   low-rank v rows: likewise by the dk/dv kernel;

@@ -13,6 +13,10 @@
 namespace rapkern::cuda {
 namespace {
 
+bool p_blocks_fit(const FwdParams& f) {
+  return cdiv(f.Lq, bwd_q_rows(f.D)) <= 65535 && cdiv(f.Lk, kBwdKB) <= 65535;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
@@ -26,8 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                     need_prior_grad, need_alpha_grad, true);
   if (S.work) {
     const FwdParams& f = S.p.f;
-    TORCH_CHECK(cdiv(f.Lq, kBwdBM) <= 65535 && cdiv(f.Lk, kBwdKB) <= 65535, host::kBwdOp, ": Lq = ", f.Lq,
-                ", Lk = ", f.Lk, " exceed the grid's y limit (65535 blocks of 64)");
+    TORCH_CHECK(p_blocks_fit(f), host::kBwdOp, ": Lq = ", f.Lq, ", Lk = ", f.Lk,
+                " exceed the grid's y limit (65535 blocks of ", bwd_q_rows(f.D), " queries / ", kBwdKB, " keys)");
     const auto dt = q.scalar_type();
     const int dtype = dt == at::kFloat ? kF32 : dt == at::kHalf ? kF16 : kBF16;
     C10_CUDA_CHECK(launch_attention_bwd(S.p, dtype, c10::cuda::getCurrentCUDAStream()));

@@ -22,6 +22,20 @@ using fwd::to_f;
 
 constexpr int BM = kBwdBM, BN = kBwdBN, KB = kBwdKB, QT = kBwdQT, NT = kBwdNT;
 
+// Keys per tile of the dq kernel: 32, or 8 for float32 at head dim 128, where the dO rows, the K and V tiles
+// and the score tile must share 48 KB of static shared memory.
+// The sum over the TR lanes of a row (adjacent lanes of one warp), in a fixed order.
+template <int TR>
+__device__ __forceinline__ float row_sum(float x) {
+  x += __shfl_xor_sync(kFull, x, 1);
+  x += __shfl_xor_sync(kFull, x, 2);
+  if (TR == 8) x += __shfl_xor_sync(kFull, x, 4);
+  return x;
+}
+
+template <typename T, int D>
+constexpr int kQTileKeys = sizeof(T) == 4 && D == 128 ? 8 : BN;
+
 __device__ __forceinline__ float alpha_of(const FwdParams& f, int64_t h) {
   return f.alpha ? f.alpha[h * f.alpha_s] : f.alpha_value;
 }
@@ -63,32 +77,39 @@ __device__ __forceinline__ bool dropout_keep(const FwdParams& f, int64_t b, int6
 
 // ------------------------------------------------------------------------------------------- dq kernel
 
-// One CTA per (work item, block of BM query rows); thread t owns row r = t / 4 and head-dim columns
-// (t % 4) + 4m. Per key tile of BN keys (K, V staged in shared memory): raw scores into sc, the row's lane
-// jj % 4 == part turns entry jj into the logit, then for every jj the four lanes compute dp (shuffles), ds and
-// their dq slice; ds goes back into sc for the prior gradients:
+// One CTA per (work item, block of RB = bwd_q_rows(D) query rows); the TR = D / 16 threads of row r own its
+// head-dim columns part + TR·m (their q and dq slices in registers, their dO slice in shared memory). Per key
+// tile of TN keys (K, V staged in shared memory): raw scores into sc, the row's lane jj % TR == part turns entry
+// jj into the logit, then for every jj the row's lanes compute dp (shuffles), ds and their dq slice; ds goes back
+// into sc for the prior gradients:
 //   rows (band / dense: slab entry += alpha ds by the entry's owner lane; low-rank: du[i, c] += alpha ds v[j, c],
-//   c = part + 4n), partials (lag: per tile diagonal sums into this item's lag partial; dalpha: ds * B summed per
+//   c = part + TR·n), partials (lag: per tile diagonal sums into this item's lag partial; dalpha: ds * B summed per
 //   thread, then over the CTA in thread order). Every output element has one writer; all orders are fixed.
 template <typename T, int D>
-__global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, const BwdPass s) {
-  constexpr int DQ = D / 4;
-  __shared__ T ks[BN][D];
-  __shared__ T vs[BN][D];
-  __shared__ bool kmasked[BN];
-  __shared__ float sc[BM][BN + 1];
-  __shared__ float clamped[BM + BN];
+__global__ void __launch_bounds__(NT, 1) attention_bwd_q_kernel(const BwdParams p, const BwdPass s) {
+  constexpr int TR = D / 16;       // threads per query row
+  constexpr int RB = NT / TR;      // query rows per CTA (bwd_q_rows(D))
+  constexpr int DQ = D / TR;       // head-dim columns per thread
+  constexpr int TN = kQTileKeys<T, D>;
+  static_assert(TR == 4 || TR == 8, "head dim 64 or 128");
+  static_assert(TN % TR == 0 && RB + TN - 1 <= NT, "tile shape");
+  __shared__ T dos[RB][D];  // the block's dO rows: in registers they would spill (q and dq stay there)
+  __shared__ T ks[TN][D];
+  __shared__ T vs[TN][D];
+  __shared__ bool kmasked[TN];
+  __shared__ float sc[RB][TN + 1];
+  __shared__ float clamped[RB + TN];
   __shared__ float red[NT];
 
   const FwdParams& f = p.f;
-  const int64_t qb = blockIdx.y, i0 = qb * BM;
-  const int tid = threadIdx.x, r = tid >> 2, part = tid & 3;
+  const int64_t qb = blockIdx.y, i0 = qb * RB;
+  const int tid = threadIdx.x, r = tid / TR, part = tid % TR;
   const int64_t i = i0 + r;
   const bool row_ok = i < f.Lq;
   int64_t b_lo, b_hi, h_lo, h_hi;
   work_pairs(s.mode, blockIdx.x, f.B, f.Hq, f.Hkv, p.Bp0, p.Hp0, &b_lo, &b_hi, &h_lo, &h_hi);
   int64_t jb_lo = 0, jb_hi = 0;
-  key_block_range(f.causal, f.band_masked, f.half, f.Lk, i0, imin(i0 + BM, f.Lq), BN, &jb_lo, &jb_hi);
+  key_block_range(f.causal, f.band_masked, f.half, f.Lk, i0, imin(i0 + RB, f.Lq), TN, &jb_lo, &jb_hi);
   const float keep_scale = f.dropout_p > 0.f ? 1.f / (1.f - f.dropout_p) : 1.f;
   const bool want_lag = s.partials && p.lag_part != nullptr;
   const bool want_dal = s.partials && p.dal_part != nullptr;
@@ -102,13 +123,14 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
       const bool use_prior = f.kind == kDense || (f.kind != kNone && a != 0.f);
       const T* qrow = static_cast<const T*>(f.q) + b * f.q_sb + h * f.q_sh + (row_ok ? i : 0) * f.q_sl;
       const T* dorow = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + (row_ok ? i : 0) * p.do_sl;
-      float q[DQ], dov[DQ], dq[DQ];
+      float q[DQ], dq[DQ];
 #pragma unroll
       for (int m = 0; m < DQ; ++m) {
-        q[m] = row_ok ? to_f(qrow[part + 4 * m]) : 0.f;
-        dov[m] = row_ok ? to_f(dorow[part + 4 * m]) : 0.f;
+        q[m] = row_ok ? to_f(qrow[part + TR * m]) : 0.f;
         dq[m] = 0.f;
       }
+#pragma unroll  // no barrier: a thread only ever reads its own dos slots
+      for (int m = 0; m < DQ; ++m) dos[r][part + TR * m] = row_ok ? dorow[part + TR * m] : from_f<T>(0.f);
       const float L = row_ok ? p.lse[bh * f.Lq + i] : INFINITY;
       const float dl = row_ok ? p.delta[bh * f.Lq + i] : 0.f;
       float dal = 0.f;
@@ -118,31 +140,30 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
       const T* vbase = static_cast<const T*>(f.v) + b * f.v_sb + hk * f.v_sh;
 
       for (int64_t jb = jb_lo; jb < jb_hi; ++jb) {
-        const int64_t j0 = jb * BN;
+        const int64_t j0 = jb * TN;
         __syncthreads();  // the previous tile's readers are done
-        for (int e = tid; e < BN * D; e += NT) {
+        for (int e = tid; e < TN * D; e += NT) {
           const int jj = e / D, d = e % D;
           const int64_t j = j0 + jj;
           ks[jj][d] = j < f.Lk ? kbase[j * f.k_sl + d] : from_f<T>(0.f);
           vs[jj][d] = j < f.Lk ? vbase[j * f.v_sl + d] : from_f<T>(0.f);
         }
-        if (tid < BN) {
+        if (tid < TN) {
           const int64_t j = j0 + tid;
           kmasked[tid] = j >= f.Lk || (f.kpm != nullptr && f.kpm[b * f.kpm_sb + j * f.kpm_sl]);
         }
         __syncthreads();
 #pragma unroll 1
-        for (int jj = 0; jj < BN; ++jj) {
+        for (int jj = 0; jj < TN; ++jj) {
           float acc = 0.f;
 #pragma unroll
-          for (int m = 0; m < DQ; ++m) acc = fmaf(q[m], to_f(ks[jj][part + 4 * m]), acc);
-          acc += __shfl_xor_sync(kFull, acc, 1);
-          acc += __shfl_xor_sync(kFull, acc, 2);
-          if ((jj & 3) == part) sc[r][jj] = acc;
+          for (int m = 0; m < DQ; ++m) acc = fmaf(q[m], to_f(ks[jj][part + TR * m]), acc);
+          acc = row_sum<TR>(acc);
+          if (jj % TR == part) sc[r][jj] = acc;
         }
-        const int64_t lag_const = f.kind == kLag ? lag_tile_const_index(f.half, i0, BM, j0, BN) : -1;
+        const int64_t lag_const = f.kind == kLag ? lag_tile_const_index(f.half, i0, RB, j0, TN) : -1;
 #pragma unroll 1
-        for (int jj = part; jj < BN; jj += 4) {
+        for (int jj = part; jj < TN; jj += TR) {
           const int64_t j = j0 + jj;
           const bool masked =
               !row_ok || kmasked[jj] || (f.causal && j > i) || (f.band_masked && !band_inside(f.half, i, j));
@@ -150,13 +171,12 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
         }
         __syncwarp();
 #pragma unroll 1
-        for (int jj = 0; jj < BN; ++jj) {
+        for (int jj = 0; jj < TN; ++jj) {
           const float x = sc[r][jj];
           float dp = 0.f;
 #pragma unroll
-          for (int m = 0; m < DQ; ++m) dp = fmaf(dov[m], to_f(vs[jj][part + 4 * m]), dp);
-          dp += __shfl_xor_sync(kFull, dp, 1);
-          dp += __shfl_xor_sync(kFull, dp, 2);
+          for (int m = 0; m < DQ; ++m) dp = fmaf(to_f(dos[r][part + TR * m]), to_f(vs[jj][part + TR * m]), dp);
+          dp = row_sum<TR>(dp);
           const float pr = expf(x - L);  // 0 when masked or the row sees no key (L = +inf)
           float ds = 0.f;
           if (pr != 0.f) {
@@ -165,16 +185,16 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
           }
           if (s.qkv && ds != 0.f) {
 #pragma unroll
-            for (int m = 0; m < DQ; ++m) dq[m] = fmaf(ds, to_f(ks[jj][part + 4 * m]), dq[m]);
+            for (int m = 0; m < DQ; ++m) dq[m] = fmaf(ds, to_f(ks[jj][part + TR * m]), dq[m]);
           }
           __syncwarp();  // every lane has read sc[r][jj] before its owner overwrites it with ds
-          if ((jj & 3) == part) sc[r][jj] = ds;
+          if (jj % TR == part) sc[r][jj] = ds;
         }
         __syncwarp();
         // Entry-owned gradients: band / dense slab entries, dalpha terms.
         if (row_ok && (want_dal || (s.rows && (f.kind == kBanded || f.kind == kDense)))) {
 #pragma unroll 1
-          for (int jj = part; jj < BN; jj += 4) {
+          for (int jj = part; jj < TN; jj += TR) {
             const float ds = sc[r][jj];
             if (ds == 0.f) continue;
             const int64_t j = j0 + jj;
@@ -188,9 +208,9 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
         if (row_ok && s.rows && f.kind == kLowRank) {
           const float* vp = f.p1 + prior_offset(f.a1, b, h, 0, 0);
 #pragma unroll 1
-          for (int64_t c = part; c < f.half; c += 4) {
+          for (int64_t c = part; c < f.half; c += TR) {
             float acc = 0.f;
-            for (int jj = 0; jj < BN; ++jj) {
+            for (int jj = 0; jj < TN; ++jj) {
               const float ds = sc[r][jj];
               if (ds != 0.f) acc = fmaf(ds, vp[(j0 + jj) * f.a1.sr + c * f.a1.sc], acc);
             }
@@ -202,12 +222,12 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
         if (want_lag) {
           __syncthreads();
           const int64_t W = f.half;
-          if (tid < BM + BN - 1) {
+          if (tid < RB + TN - 1) {
             int64_t r_lo, r_hi;
-            diag_rows(tid, BN, BM, &r_lo, &r_hi);
+            diag_rows(tid, TN, RB, &r_lo, &r_hi);
             float acc = 0.f;
-            for (int64_t rr = r_lo; rr < r_hi; ++rr) acc += sc[rr][rr - tid + BN - 1];
-            const int64_t lag = diag_lag(tid, i0, j0, BN);
+            for (int64_t rr = r_lo; rr < r_hi; ++rr) acc += sc[rr][rr - tid + TN - 1];
+            const int64_t lag = diag_lag(tid, i0, j0, TN);
             if (lag > -W && lag < W) {
               if (acc != 0.f) lag_part[lag_index(W, lag, 0)] += acc;
               clamped[tid] = 0.f;
@@ -217,9 +237,9 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
           }
           __syncthreads();
           if (tid == 0) {
-            for (int t = 0; t < BM + BN - 1; ++t) {
+            for (int t = 0; t < RB + TN - 1; ++t) {
               if (clamped[t] == 0.f) continue;
-              lag_part[diag_lag(t, i0, j0, BN) >= W ? 2 * W : 0] += clamped[t];
+              lag_part[diag_lag(t, i0, j0, TN) >= W ? 2 * W : 0] += clamped[t];
             }
           }
         }
@@ -228,7 +248,7 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
       if (s.qkv && row_ok) {
         T* out = static_cast<T*>(p.dq) + (bh * f.Lq + i) * f.D;
 #pragma unroll
-        for (int m = 0; m < DQ; ++m) out[part + 4 * m] = from_f<T>(dq[m] * f.scale);
+        for (int m = 0; m < DQ; ++m) out[part + TR * m] = from_f<T>(dq[m] * f.scale);
       }
       if (want_dal) {  // mode kPerHead: one pair; the CTA's sum in thread order
         __syncthreads();
@@ -252,7 +272,7 @@ __global__ void __launch_bounds__(NT) attention_bwd_q_kernel(const BwdParams p, 
 // dv += pd·dO, dk += ds·q (scale applied at the end). rows: low-rank v gradient dv_p[j, c] += alpha ds u[i, c]
 // for c = part + 4n (one writer per element, pairs and queries in fixed order).
 template <typename T, int D>
-__global__ void __launch_bounds__(NT) attention_bwd_kv_kernel(const BwdParams p, const BwdPass s) {
+__global__ void __launch_bounds__(NT, 1) attention_bwd_kv_kernel(const BwdParams p, const BwdPass s) {
   constexpr int DQ = D / 4;
   __shared__ T qs[QT][D];
   __shared__ T dos[QT][D];

@@ -31,7 +31,7 @@ struct BwdParams {
   int64_t alpha_heads = 0;
   float* lag_part = nullptr;  // (B, Hq, nqb, 2W+1): raw diagonal sums of dS per q block (alpha not applied)
   float* dal_part = nullptr;  // (B, Hq, nqb): sum of dS * B per q block
-  int64_t nqb = 0;            // query blocks of BM rows
+  int64_t nqb = 0;            // query blocks of bwd_q_rows(D) rows
 };
 
 // One launch: kernel kQ (per query block: dq, prior rows, partials), kKV (per key block: dk, dv, low-rank v
@@ -92,11 +92,15 @@ inline int bwd_passes(const BwdParams& p, BwdPass* out) {
 }
 
 // Grid of a pass (x: work items or reduction blocks, y: query/key blocks).
-constexpr int kBwdBM = 64;   // query rows per kQ CTA
+constexpr int kBwdBM = 64;   // query rows per kQ CTA at head dim 64 (bwd_q_rows)
 constexpr int kBwdBN = 32;   // keys per kQ tile
 constexpr int kBwdKB = 64;   // keys per kKV CTA
 constexpr int kBwdQT = 16;   // queries per kKV tile
 constexpr int kBwdNT = 256;  // threads per CTA (all kernels)
+
+// Query rows per kQ CTA: the kernel gives each row D / 16 threads (16 head-dim columns each, so that the q and dq
+// slices fit in registers at every head dim): 64 rows at head dim 64, 32 at 128.
+RK_HD int64_t bwd_q_rows(int64_t D) { return D <= 64 ? kBwdBM : kBwdBM / 2; }
 
 inline void bwd_grid(const BwdParams& p, const BwdPass& s, unsigned* gx, unsigned* gy) {
   if (s.kernel == kReduce) {
@@ -106,7 +110,7 @@ inline void bwd_grid(const BwdParams& p, const BwdPass& s, unsigned* gx, unsigne
   }
   const int64_t Bp = s.kernel == kQ ? p.Bp0 : p.Bp1, Hp = s.kernel == kQ ? p.Hp0 : p.Hp1;
   *gx = static_cast<unsigned>(work_items(s.mode, p.f.B, p.f.Hq, p.f.Hkv, Bp, Hp));
-  *gy = static_cast<unsigned>(s.kernel == kQ ? cdiv(p.f.Lq, kBwdBM) : cdiv(p.f.Lk, kBwdKB));
+  *gy = static_cast<unsigned>(s.kernel == kQ ? cdiv(p.f.Lq, bwd_q_rows(p.f.D)) : cdiv(p.f.Lk, kBwdKB));
 }
 
 // Launches every pass on `stream` for dtype `dtype` (DType); returns the first launch error.

@@ -80,7 +80,7 @@ inline BwdSetup make_bwd(const at::Tensor& dout_in, const std::optional<at::Tens
   S.held.insert(S.held.end(), {delta, lse_eff});
   p.delta = delta.data_ptr<float>();
   p.lse = lse_eff.data_ptr<float>();
-  p.nqb = cdiv(f.Lq, kBwdBM);
+  p.nqb = cdiv(f.Lq, bwd_q_rows(f.D));
 
   const bool any = f.B * f.Hq * f.Lq > 0 || f.B * f.Hkv * f.Lk > 0;
   if (need_qkv_grad) {
