@@ -71,9 +71,10 @@ fi
 #     allocator off so out-of-bounds accesses land outside any allocation; 60 s each at most.
 if command -v compute-sanitizer >/dev/null && [ -f rapkern/_C_cuda*.so ] 2>/dev/null && [ "$(left)" -gt 330 ]; then
   for tool in memcheck racecheck; do
-    say "compute-sanitizer --tool $tool on tests/test_cuda_ext.py -m gpu (at most 60 s)"
+    say "compute-sanitizer --tool $tool on the CUDA attention forward/backward GPU tests (at most 60 s)"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 60 compute-sanitizer --tool "$tool" --error-exitcode 99 \
-      "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_ext.py -k "matches_reference and 64" \
+      "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/test_cuda_ext.py tests/test_cuda_bwd.py \
+      -k "matches_reference and 64 and fp16" \
       >>"$LOG" 2>&1
     say "compute-sanitizer $tool exit $? (0 clean, 99 errors found, 124 timed out)"
   done

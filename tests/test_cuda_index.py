@@ -63,6 +63,19 @@ int64_t rk_partial_term_slot(int64_t t, int64_t bp, int64_t hp, int64_t B, int64
                              int64_t Hp) {
   return partial_term_slot(t, bp, hp, B, Hq, nqb, Bp, Hp);
 }
+void rk_query_range(int causal, int band_masked, int64_t w, int64_t lq, int64_t j0, int64_t j1, int64_t* out) {
+  query_range(causal, band_masked, w, lq, j0, j1, out, out + 1);
+}
+int64_t rk_work_items(int mode, int64_t B, int64_t Hq, int64_t Hkv, int64_t Bp, int64_t Hp) {
+  return work_items(mode, B, Hq, Hkv, Bp, Hp);
+}
+void rk_work_pairs(int mode, int64_t o, int64_t B, int64_t Hq, int64_t Hkv, int64_t Bp, int64_t Hp, int64_t* out) {
+  work_pairs(mode, o, B, Hq, Hkv, Bp, Hp, out, out + 1, out + 2, out + 3);
+}
+int64_t rk_slab_index(int64_t b, int64_t h, int64_t Bp, int64_t Hp) { return slab_index(b, h, Bp, Hp); }
+int64_t rk_diag_count(int64_t bm, int64_t bn) { return diag_count(bm, bn); }
+int64_t rk_diag_lag(int64_t t, int64_t i0, int64_t j0, int64_t bn) { return diag_lag(t, i0, j0, bn); }
+void rk_diag_rows(int64_t t, int64_t bn, int64_t bm, int64_t* out) { diag_rows(t, bn, bm, out, out + 1); }
 }
 """
 
@@ -87,7 +100,8 @@ def _build_binding() -> ctypes.CDLL:
         os.replace(tmp, out)
     lib = ctypes.CDLL(str(out))
     for name in ("rk_lag_index", "rk_lag_tile_const_index", "rk_band_offset", "rk_bcast_stride", "rk_prior_offset",
-                 "rk_partial_slot", "rk_partial_terms", "rk_partial_term_slot"):
+                 "rk_partial_slot", "rk_partial_terms", "rk_partial_term_slot", "rk_work_items", "rk_slab_index",
+                 "rk_diag_count", "rk_diag_lag"):
         getattr(lib, name).restype = I64
     return lib
 
@@ -362,3 +376,74 @@ def test_partial_reduction_order(lib, B, Hq, nqb, Bp, Hp):
     assert sorted(seen) == list(range(B * Hq * nqb))
     want = sum_to(partials.sum(dim=2), (Bp, Hp))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------- backward work items
+
+
+@pytest.mark.parametrize("lq,lk,w", GRID)
+def test_query_range_covers_exactly_the_rows_that_see_a_key(lib, lq, lk, w):
+    """The dk/dv kernel's row range for keys [j0, j1): every row that sees one of them is inside; the range is
+    tight (its first and last rows see one) unless empty."""
+    for causal, band in itertools.product((False, True), repeat=2):
+        for j0 in range(0, lk, 4):
+            j1 = min(j0 + 4, lk)
+            out = (I64 * 2)()
+            lib.rk_query_range(int(causal), int(band), I64(w), I64(lq), I64(j0), I64(j1), out)
+            lo, hi = out[0], out[1]
+            rows = {i for i in range(lq) for j in range(j0, j1)
+                    if not (causal and j > i) and not (band and abs(j - i) > w)}
+            assert rows <= set(range(lo, hi)), (causal, band, j0, lo, hi)
+            if rows:
+                assert lo == min(rows) and hi == max(rows) + 1, (causal, band, j0, lo, hi, rows)
+            else:
+                assert lo == hi
+
+
+@pytest.mark.parametrize("B,Hq,Hkv", [(1, 1, 1), (2, 4, 2), (3, 6, 1), (2, 3, 3)])
+@pytest.mark.parametrize("Bp,Hp", [(1, 1), ("B", 1), (1, "H"), ("B", "H")])
+def test_work_items_partition_the_pairs(lib, B, Hq, Hkv, Bp, Hp):
+    """Per mode, the items' (b, h) pairs partition all B x Hq pairs; per kv head an item's pairs share the kv
+    head; per slab every pair of an item maps onto that slab (slab_index) and the items are the slabs."""
+    Bp = B if Bp == "B" else 1
+    Hp = Hq if Hp == "H" else 1
+    g = Hq // Hkv
+    for mode in (0, 1, 2):  # kPerHead, kPerKvHead, kPerSlab
+        n = _call(lib.rk_work_items, mode, B, Hq, Hkv, Bp, Hp)
+        assert n == (B * Hq, B * Hkv, Bp * Hp)[mode]
+        pairs = []
+        for o in range(n):
+            out = (I64 * 4)()
+            lib.rk_work_pairs(ctypes.c_int(mode), *(I64(x) for x in (o, B, Hq, Hkv, Bp, Hp)), out)
+            b_lo, b_hi, h_lo, h_hi = out
+            mine = [(b, h) for b in range(b_lo, b_hi) for h in range(h_lo, h_hi)]
+            assert mine, (mode, o)
+            if mode == 1:
+                assert {h // g for _, h in mine} == {o % Hkv} and {b for b, _ in mine} == {o // Hkv}
+            if mode == 2:
+                assert {_call(lib.rk_slab_index, b, h, Bp, Hp) for b, h in mine} == {o}
+            pairs += mine
+        assert sorted(pairs) == [(b, h) for b in range(B) for h in range(Hq)], mode
+    for b in range(B):
+        for h in range(Hq):
+            bb, hh = (b if Bp > 1 else 0), (h if Hp > 1 else 0)
+            assert _call(lib.rk_slab_index, b, h, Bp, Hp) == bb * Hp + hh
+
+
+@pytest.mark.parametrize("bm,bn", [(1, 1), (4, 3), (32, 16), (64, 32)])
+def test_tile_diagonals_cover_the_tile_once_with_their_lag(lib, bm, bn):
+    """The lag gradient's diagonal walk: every entry (r, c) of a bm x bn tile lies on exactly one diagonal t,
+    whose lag diag_lag is i - j of that entry."""
+    i0, j0 = 70, 13
+    n = _call(lib.rk_diag_count, bm, bn)
+    seen = []
+    for t in range(n):
+        out = (I64 * 2)()
+        lib.rk_diag_rows(I64(t), I64(bn), I64(bm), out)
+        lag = _call(lib.rk_diag_lag, t, i0, j0, bn)
+        for r in range(out[0], out[1]):
+            c = r - t + bn - 1
+            assert 0 <= c < bn, (t, r, c)
+            assert (i0 + r) - (j0 + c) == lag
+            seen.append((r, c))
+    assert sorted(seen) == [(r, c) for r in range(bm) for c in range(bn)]

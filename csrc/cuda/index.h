@@ -25,6 +25,17 @@
 //                     slot of the t-th term of that sum: the fixed order is b ascending, then h, then qb (a
 //                     broadcast dim runs over all its indices, a full one is fixed at bp resp. hp). The
 //                     reduction sums terms t = 0, 1, ... in this order, so the result is bitwise reproducible.
+//   query_range(causal, band_masked, w, Lq, j0, j1, &lo, &hi)
+//                     query rows [lo, hi) that may see some key of [j0, j1) (the backward's dk/dv kernel).
+//   work_items(mode, B, Hq, Hkv, Bp, Hp) / work_pairs(mode, o, ..., &b_lo, &b_hi, &h_lo, &h_hi)
+//                     the backward's work items: mode kPerHead one per (b, q head); kPerKvHead one per (b, kv
+//                     head) covering its GQA group; kPerSlab one per (bp, hp) slab of a prior view covering every
+//                     (b, h) that maps onto it. Item o handles pairs b in [b_lo, b_hi) x h in [h_lo, h_hi),
+//                     visited b ascending then h: the fixed order of its accumulations.
+//   slab_index(b, h, Bp, Hp)           the (bp, hp) slab of a (Bp, Hp, ...) prior view that pair (b, h) reads.
+//   diag_count(bm, bn) / diag_lag(t, i0, j0, bn) / diag_rows(t, bn, bm, &r_lo, &r_hi)
+//                     the diagonals t of a bm x bn tile at (i0, j0): lag i - j = i0 - j0 + t - (bn - 1), entries
+//                     (r, r - t + bn - 1) for r in [r_lo, r_hi). The lag gradient sums a tile per diagonal.
 //   dropout_uniform(seed, idx)         the counter-based uniform of csrc/cpu/common.h (splitmix64), so a CUDA
 //                                      and a CPU run with the same seed drop the same elements.
 //   dropout_index(b, h, i, j, Hq, Lq, Lk)   ((b·Hq + h)·Lq + i)·Lk + j, the counter of element (b, h, i, j).
@@ -124,6 +135,53 @@ RK_HD int64_t partial_term_slot(int64_t t, int64_t bp, int64_t hp, int64_t B, in
   const int64_t b = Bp == 1 ? bb : bp;
   const int64_t h = Hp == 1 ? hh : hp;
   return partial_slot(b, h, qb, Hq, nqb);
+}
+
+// ------------------------------------------------------------------------------------------- backward work items
+
+RK_HD void query_range(bool causal, bool band_masked, int64_t w, int64_t Lq, int64_t j0, int64_t j1, int64_t* lo,
+                       int64_t* hi) {
+  int64_t l = 0, h = Lq;
+  if (causal) l = imax(l, j0);  // row i sees key j only when j <= i
+  if (band_masked) {
+    l = imax(l, j0 - w);
+    h = imin(h, j1 + w);  // key j1 - 1 is seen by rows up to j1 - 1 + w
+  }
+  *lo = l;
+  *hi = imax(l, h);
+}
+
+enum WorkMode : int { kPerHead = 0, kPerKvHead = 1, kPerSlab = 2 };
+
+RK_HD int64_t work_items(int mode, int64_t B, int64_t Hq, int64_t Hkv, int64_t Bp, int64_t Hp) {
+  return mode == kPerHead ? B * Hq : mode == kPerKvHead ? B * Hkv : Bp * Hp;
+}
+
+RK_HD void work_pairs(int mode, int64_t o, int64_t B, int64_t Hq, int64_t Hkv, int64_t Bp, int64_t Hp,
+                      int64_t* b_lo, int64_t* b_hi, int64_t* h_lo, int64_t* h_hi) {
+  if (mode == kPerHead) {
+    *b_lo = o / Hq, *b_hi = *b_lo + 1, *h_lo = o % Hq, *h_hi = *h_lo + 1;
+  } else if (mode == kPerKvHead) {
+    const int64_t g = Hq / Hkv;
+    *b_lo = o / Hkv, *b_hi = *b_lo + 1, *h_lo = (o % Hkv) * g, *h_hi = *h_lo + g;
+  } else {
+    const int64_t bp = o / Hp, hp = o % Hp;
+    *b_lo = Bp == 1 ? 0 : bp, *b_hi = Bp == 1 ? B : bp + 1;
+    *h_lo = Hp == 1 ? 0 : hp, *h_hi = Hp == 1 ? Hq : hp + 1;
+  }
+}
+
+RK_HD int64_t slab_index(int64_t b, int64_t h, int64_t Bp, int64_t Hp) {
+  return (Bp == 1 ? 0 : b) * Hp + (Hp == 1 ? 0 : h);
+}
+
+RK_HD int64_t diag_count(int64_t bm, int64_t bn) { return bm + bn - 1; }
+
+RK_HD int64_t diag_lag(int64_t t, int64_t i0, int64_t j0, int64_t bn) { return i0 - j0 + t - (bn - 1); }
+
+RK_HD void diag_rows(int64_t t, int64_t bn, int64_t bm, int64_t* r_lo, int64_t* r_hi) {
+  *r_lo = imax(0, t - (bn - 1));  // column r - t + bn - 1 >= 0 ... < bn
+  *r_hi = imin(bm, t + 1);
 }
 
 // ------------------------------------------------------------------------------------------- dropout

@@ -1,7 +1,7 @@
 """The "cuda" backend: rapkern's hand-written CUDA kernels (rapkern._C_cuda, csrc/cuda/, issue 15), called as the
 same torch.library ops as the C++ CPU kernels (the dispatcher picks the CUDA implementation for CUDA tensors).
 
-Forward only so far; see ``CudaBackend``.
+Attention forward and backward, LDA routing forward and backward; see ``CudaBackend``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ HEAD_DIMS = (64, 128)  # compiled kernels: D == Dv in HEAD_DIMS (csrc/cuda/fwd_p
 
 
 class CudaBackend(Backend):
-    """CUDA C++ kernels: a tiled SIMT forward (fp32/fp16/bf16, every prior kind, per-head alpha, causal, key
-    padding, GQA, dropout, head dims 64 and 128); no backward yet.
+    """CUDA C++ kernels: tiled SIMT attention forward and backward (fp32/fp16/bf16, every prior kind, per-head
+    alpha, causal, key padding, GQA, dropout, head dims 64 and 128; gradients of q, k, v, the prior tensors and
+    alpha, bitwise deterministic: fixed-order partial reductions, no float atomics).
 
     UNVERIFIED ON A GPU: no GPU run has executed these kernels yet (issue 15). On a CPU they compile and link for
     sm_80/sm_90a without spills, their index arithmetic is unit-tested (tests/test_cuda_index.py) and the
-    forward kernel's code runs under a host emulation of CUDA threads against the float64 reference
-    (tests/test_cuda_ext.py). Until the GPU check (tests marked ``gpu`` in tests/test_cuda_ext.py, plus
+    kernels' code runs under a host emulation of CUDA threads against the float64 reference
+    (tests/test_cuda_ext.py, test_cuda_bwd.py). Until the GPU check (tests marked ``gpu`` there, plus
     compute-sanitizer) has passed, "auto" never picks this backend (``auto_devices = ()``): it runs only when
     asked for by name.
     """
@@ -32,12 +33,11 @@ class CudaBackend(Backend):
     devices = ("cuda",)
     auto_devices = ()  # explicit only until a GPU run has checked the kernels (issue 15)
     dtypes = ("float16", "bfloat16", "float32")
-    supports_prior_grad = False
-    deterministic = True  # forward: each CTA owns its rows, no atomics
+    supports_prior_grad = True
+    deterministic = True  # each output element has one writer; partials reduced in a fixed order
     checks_prior_values = True  # csrc/cuda/attention_fwd_host.cpp check_values, same messages as priors.py
     verified_on_gpu = False
-    status = ("unverified: no GPU run has checked these kernels yet (issue 15); forward only, explicit "
-              "backend='cuda' only")
+    status = "unverified: no GPU run has checked these kernels yet (issue 15); explicit backend='cuda' only"
 
     def availability(self):
         return _load.load()
@@ -53,9 +53,6 @@ class CudaBackend(Backend):
         if d != dv or d not in HEAD_DIMS:
             reasons.append(f"head dims D = {d}, Dv = {dv}: the CUDA kernels serve D == Dv in {HEAD_DIMS} "
                            "(backend='triton' serves others)")
-        if torch.is_grad_enabled() and _needs_grad(p):
-            reasons.append("backward not implemented yet in the CUDA kernels (issue 15): inputs require grad; "
-                           "use backend='triton', or torch.no_grad() for inference")
         return reasons
 
     def attention(self, p):
@@ -68,7 +65,3 @@ class CudaBackend(Backend):
     def route(self, p, return_weights=False):
         return cuda_route(p, return_weights)
 
-
-def _needs_grad(p) -> bool:
-    tensors = [p.q, p.k, p.v, p.alpha] + ([] if p.prior is None else list(p.prior.tensors()))
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
