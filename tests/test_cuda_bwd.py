@@ -251,6 +251,34 @@ def test_emulated_backward_edge_cases(emu):
                           0.0, 0, True, False, False)
 
 
+@pytest.mark.parametrize("kind,lead,alpha", [("lag", (), "shared"), ("lowrank", (2, 1), "heads"),
+                                              ("dense", (1, 2), None), ("banded", (2,), "heads")])
+def test_fake_backward_metadata_equals_the_cuda_host_side(emu, kind, lead, alpha):
+    """What torch.compile plans with (rapkern/_ext.py's fake attention_bwd) is what the CUDA op's host side
+    returns (bwd_problem.h, emulated): shapes, dtypes and strides of all six results."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from rapkern import _ext
+
+    assert _ext.load() is None, _ext.load()
+    g = helpers.gen(3)
+    B, Hq, Hkv, lq, lk, d = 2, 2, 1, 40, 33, 64
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float16) for s in ((B, Hq, lq, d), (B, Hkv, lk, d),
+                                                                           (B, Hkv, lk, d)))
+    prior = helpers.make_prior(kind, lead, lq, lk, gen=g, dtype=torch.float32, w=5, r=3)
+    p0, p1 = (prior.u, prior.v) if kind == "lowrank" else (prior.tensors()[0], None)
+    a_t = {"shared": torch.tensor(0.8), "heads": torch.tensor([0.5, -1.0]), None: None}[alpha]
+    fargs = (q, k, v, None, a_t, 1.0, KINDS[kind], p0, p1, False, True, 0.125, 0.0, 0)
+    out, lse = emu.attention_fwd(*fargs)
+    bargs = (torch.randn_like(out), None, q, k, v, out, lse) + fargs[3:] + (True, True, True)
+    real = emu.attention_bwd(*bargs)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.rapkern.attention_bwd(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
+                                                 for x in bargs))
+    for name, r, f in zip(("dq", "dk", "dv", "dprior0", "dprior1", "dalpha"), real, fake):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride()), name
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 
@@ -342,3 +370,24 @@ def test_gpu_backward_dropout_equals_the_cpu_kernels():
     got = torch.ops.rapkern.attention_bwd(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in bargs))
     for a, b in zip(got, want):
         torch.testing.assert_close(a.cpu(), b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA device")
+def test_gpu_compile_fullgraph_forward_backward():
+    """torch.compile(fullgraph=True) over rapkern.attention(backend="cuda"), forward and backward: no graph break,
+    the same results as eager (the same kernels run)."""
+    q, k, v, prior, alpha, kpm, gout, glse = _gpu_case("lag", torch.bfloat16, 128, "causal+padding", lead=(1,))
+    leaves = [q, k, v, alpha, *prior.tensors()]
+
+    def f(q, k, v, alpha, *pt):
+        return rapkern.attention(q, k, v, prior=prior.with_tensors(*pt), alpha=alpha, causal=True,
+                                 key_padding_mask=kpm, backend="cuda")
+
+    compiled = torch.compile(f, fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        out = fn(*leaves)
+        results.append([out, *torch.autograd.grad(out, leaves, gout.to(out.dtype))])
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"result {i}")
