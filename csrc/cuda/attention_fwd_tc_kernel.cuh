@@ -11,9 +11,10 @@
 //   S (16 x BN, fp32) = Q·Kᵀ: BN/8 n-tiles x D/16 k-steps of mma, K read as n-major B fragments;
 //   per accumulator element (row i, key j): scale, prior (fwd::add_prior, the scalar kernel's semantics),
 //     causal / padding / band masks -> -inf;
-//   online softmax per row: a row's BN entries live in the 4 lanes of one quad (2 per n-tile per lane), so the
-//     row max is a lane max then __shfl_xor_sync 1 and 2; the running sum l stays a per-lane partial (reduced
-//     across the quad at the end); o and l are rescaled by exp(m_old - m_new);
+//   online softmax per row, in base 2 (logits x log2 e, then exp2): a row's BN entries live in the 4 lanes of
+//     one quad (2 per n-tile per lane), so the row max is a lane max then __shfl_xor_sync 1 and 2; the running
+//     sum l stays a per-lane partial (reduced across the quad at the end); o and l are rescaled by
+//     exp2(m_old - m_new);
 //   dropout per element (the CPU kernels' hash and counter), kept p scaled by 1/(1 - p), l sums undropped p;
 //   P rounded to the input dtype and re-read as A fragments (C layout of n-tiles 2c, 2c+1 = A layout of key
 //     chunk c), O (16 x D, fp32) += P·V: BN/16 k-steps x D/8 n-tiles of mma, V read as k-major B fragments.
@@ -42,6 +43,8 @@ constexpr int NW = 4;         // warps per CTA, 16 query rows each
 constexpr int NT = NW * 32;   // threads per CTA
 constexpr int PAD = 8;        // elements added to each shared row (16 bytes)
 constexpr unsigned kFull = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // Copies rows [r0, r0 + rows_valid) of a (rows, D) tile with row stride `sl` (elements, last stride 1) into
 // dst[BN][D + PAD]; rows past rows_valid become 0. 16-byte chunks when every row start is 16-byte aligned.
@@ -142,7 +145,7 @@ __global__ void __launch_bounds__(NT) attention_fwd_tc_kernel(const FwdParams p)
                             (p.band_masked && !band_inside(p.half, i, j));
         float x = s[n][e] * p.scale;
         if (!masked && use_prior) x = fwd::add_prior(p, a, b, h, i, j, lag_const, x);
-        s[n][e] = masked ? -INFINITY : x;
+        s[n][e] = masked ? -INFINITY : x * kLog2e;  // base-2 logits: the exponentials below are exp2
         tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
       }
     }
@@ -153,7 +156,7 @@ __global__ void __launch_bounds__(NT) attention_fwd_tc_kernel(const FwdParams p)
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(kFull, tile_max[r], 2));
       const float new_max = fmaxf(row_max[r], tile_max[r]);
       shift[r] = new_max == -INFINITY ? 0.f : new_max;  // nothing visible yet: every p below is exp(-inf) = 0
-      const float corr = expf(row_max[r] - shift[r]);   // 0 when row_max was -inf (o and l are 0 then)
+      const float corr = exp2f(row_max[r] - shift[r]);   // 0 when row_max was -inf (o and l are 0 then)
       row_sum[r] *= corr;
 #pragma unroll
       for (int n = 0; n < NO; ++n) {
@@ -168,7 +171,7 @@ __global__ void __launch_bounds__(NT) attention_fwd_tc_kernel(const FwdParams p)
     for (int n = 0; n < NS; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float pe = expf(s[n][e] - shift[e >> 1]);
+        float pe = exp2f(s[n][e] - shift[e >> 1]);
         row_sum[e >> 1] += pe;
         if (p.dropout_p > 0.f && pe != 0.f) {
           const uint64_t idx = dropout_index(b, h, rows[e >> 1], j0 + 8 * n + mma::c_col(lane, e), p.Hq, p.Lq, p.Lk);
@@ -190,7 +193,7 @@ __global__ void __launch_bounds__(NT) attention_fwd_tc_kernel(const FwdParams p)
     }
   }
 
-  // Epilogue: l summed over the quad; out = o / l (0 for an empty row), lse = m + log(l) (-inf for one).
+  // Epilogue: l summed over the quad; out = o / l (0 for an empty row), lse = ln 2 · (m + log2 l) (-inf for one).
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row_sum[r] += __shfl_xor_sync(kFull, row_sum[r], 1);
@@ -210,7 +213,8 @@ __global__ void __launch_bounds__(NT) attention_fwd_tc_kernel(const FwdParams p)
           mma::pack2<T>(mma::round_to<T>(o[n][2 * r] * inv), mma::round_to<T>(o[n][2 * r + 1] * inv));
     }
     if (mma::thread_in_group(lane) == 0) {
-      p.lse[(b * p.Hq + h) * p.Lq + i] = row_sum[r] > 0.f ? row_max[r] + logf(row_sum[r]) : -INFINITY;
+      const float lse = (row_max[r] + log2f(row_sum[r])) * kLn2;
+      p.lse[(b * p.Hq + h) * p.Lq + i] = row_sum[r] > 0.f ? lse : -INFINITY;
     }
   }
 }
