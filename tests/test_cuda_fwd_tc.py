@@ -3,8 +3,9 @@
 Emulated (needs only the toolkit's headers): the kernel's own code and the op's host side (fwd_problem.h) compiled
 by g++ under csrc/cuda/host_emulation.h, where mma.h's warp-collective mma.sync m16n8k16 is a transcription of the
 PTX fragment layouts (each lane publishes its registers, each computes its own accumulator elements from all 32).
-  (a) the layout probe: a one-warp kernel built from mma.h's fragment helpers (the ones the attention kernel uses)
-      computes S = A·Bᵀ and O = round(S)·V, against torch matmul: exactly on small integers, closely on randoms;
+  (a) the layout probe: a one-warp kernel built from mma.h's fragment helpers (the ones the attention kernel uses;
+      B fragments by plain shared loads or by the emulated ldmatrix) computes S = A·Bᵀ and O = round(S)·V, against
+      torch matmul: exactly on small integers, closely on randoms;
   (b) the attention kernel against the float64 reference with the 2x rule: test_cuda_ext's emulated cases in
       fp16/bf16 plus every prior kind, mask_outside, causal + padding, GQA, Lq != Lk, partial tiles, empty rows,
       and dropout against a reference that applies the same counter-based mask (csrc/dropout_hash.h in numpy).
@@ -42,26 +43,37 @@ using namespace rapkern::cuda;
 
 // One warp: S (16 x 16) = A (16 x 32) · Bk (16 x 32)ᵀ, then O (16 x 16) = round_T(S) · V (16 x 16), with the
 // fragment helpers of mma.h exactly as the attention kernel uses them (Q row-major, K n-major, V k-major, P from
-// accumulators).
-template <typename T>
-void probe_kernel(const T* a, const T* bk, const T* v, float* s_out, float* o_out) {
+// accumulators); B fragments by plain loads or (kLdsm) by ldmatrix from shared memory.
+template <typename T, bool kLdsm>
+void probe_kernel(const T* a_in, const T* bk_in, const T* v_in, float* s_out, float* o_out) {
+  __shared__ __align__(16) T a[16 * 32];
+  __shared__ __align__(16) T bk[16 * 32];
+  __shared__ __align__(16) T v[16 * 16];
   const int lane = threadIdx.x & 31;
+  for (int e = lane; e < 16 * 32; e += 32) a[e] = a_in[e], bk[e] = bk_in[e];
+  for (int e = lane; e < 16 * 16; e += 32) v[e] = v_in[e];
+  __syncwarp();
   float s[2][4] = {}, o[2][4] = {};
+  uint32_t qa[2][4];
+  for (int kc = 0; kc < 2; ++kc) mma::a_from_row_major<T>(qa[kc], a + 16 * kc, 32, lane);
   for (int n = 0; n < 2; ++n) {
-    for (int kc = 0; kc < 2; ++kc) {
-      uint32_t qa[4], kb[2];
-      mma::a_from_row_major<T>(qa, a + 16 * kc, 32, lane);
-      mma::b_from_n_major<T>(kb, bk + 8 * n * 32 + 16 * kc, 32, lane);
-      mma::mma_16816<T>(s[n], qa, kb);
+    uint32_t kb[2][2];
+    if (kLdsm) {
+      mma::b2_from_n_major_ldsm<T>(kb[0], kb[1], bk + 8 * n * 32, 32, lane);
+    } else {
+      for (int kc = 0; kc < 2; ++kc) mma::b_from_n_major<T>(kb[kc], bk + 8 * n * 32 + 16 * kc, 32, lane);
     }
+    for (int kc = 0; kc < 2; ++kc) mma::mma_16816<T>(s[n], qa[kc], kb[kc]);
   }
   uint32_t pa[4];
   mma::a_from_accumulators<T>(pa, s[0], s[1]);
-  for (int n = 0; n < 2; ++n) {
-    uint32_t vb[2];
-    mma::b_from_k_major<T>(vb, v + 8 * n, 16, lane);
-    mma::mma_16816<T>(o[n], pa, vb);
+  uint32_t vb[2][2];
+  if (kLdsm) {
+    mma::b2_from_k_major_ldsm<T>(vb[0], vb[1], v, 16, lane);
+  } else {
+    for (int n = 0; n < 2; ++n) mma::b_from_k_major<T>(vb[n], v + 8 * n, 16, lane);
   }
+  for (int n = 0; n < 2; ++n) mma::mma_16816<T>(o[n], pa, vb[n]);
   for (int n = 0; n < 2; ++n) {
     for (int e = 0; e < 4; ++e) {
       const int idx = mma::c_row(lane, e) * 16 + 8 * n + mma::c_col(lane, e);
@@ -72,19 +84,25 @@ void probe_kernel(const T* a, const T* bk, const T* v, float* s_out, float* o_ou
 }
 
 template <typename T>
-void probe(const at::Tensor& a, const at::Tensor& bk, const at::Tensor& v, at::Tensor& s, at::Tensor& o) {
-  emu::launch(probe_kernel<T>, emu::Dim{1, 1, 1}, 32, static_cast<const T*>(a.data_ptr()),
-              static_cast<const T*>(bk.data_ptr()), static_cast<const T*>(v.data_ptr()), s.data_ptr<float>(),
-              o.data_ptr<float>());
+void probe(const at::Tensor& a, const at::Tensor& bk, const at::Tensor& v, at::Tensor& s, at::Tensor& o,
+           bool ldsm) {
+  const auto* pa = static_cast<const T*>(a.data_ptr());
+  const auto* pb = static_cast<const T*>(bk.data_ptr());
+  const auto* pv = static_cast<const T*>(v.data_ptr());
+  if (ldsm) emu::launch(probe_kernel<T, true>, emu::Dim{1, 1, 1}, 32, pa, pb, pv, s.data_ptr<float>(),
+                        o.data_ptr<float>());
+  else emu::launch(probe_kernel<T, false>, emu::Dim{1, 1, 1}, 32, pa, pb, pv, s.data_ptr<float>(),
+                   o.data_ptr<float>());
 }
 
-std::tuple<at::Tensor, at::Tensor> mma_probe(const at::Tensor& a, const at::Tensor& bk, const at::Tensor& v) {
+std::tuple<at::Tensor, at::Tensor> mma_probe(const at::Tensor& a, const at::Tensor& bk, const at::Tensor& v,
+                                             bool ldsm) {
   TORCH_CHECK(a.sizes() == at::IntArrayRef({16, 32}) && bk.sizes() == at::IntArrayRef({16, 32}) &&
               v.sizes() == at::IntArrayRef({16, 16}), "mma_probe: shapes (16, 32), (16, 32), (16, 16)");
   TORCH_CHECK(a.is_contiguous() && bk.is_contiguous() && v.is_contiguous(), "mma_probe: contiguous inputs");
   at::Tensor s = at::zeros({16, 16}, a.options().dtype(at::kFloat)), o = at::zeros_like(s);
-  if (a.scalar_type() == at::kHalf) probe<__half>(a, bk, v, s, o);
-  else probe<__nv_bfloat16>(a, bk, v, s, o);
+  if (a.scalar_type() == at::kHalf) probe<__half>(a, bk, v, s, o, ldsm);
+  else probe<__nv_bfloat16>(a, bk, v, s, o, ldsm);
   return {s, o};
 }
 
@@ -135,8 +153,9 @@ def tc_ops():
 # ------------------------------------------------------------------------------------------- (a) layouts
 
 
+@pytest.mark.parametrize("ldsm", [False, True], ids=["plain", "ldmatrix"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-def test_mma_fragments_on_small_integers_are_exact(tc_ops, dtype):
+def test_mma_fragments_on_small_integers_are_exact(tc_ops, dtype, ldsm):
     """Small integers: every product and sum is exact in fp32, S (|S| <= 192) is exact in fp16 and bf16 (bf16 holds
     integers up to 256), so S and O = round(S)·V must equal the float64 matmuls bit for bit: any misplaced element
     of any fragment shows."""
@@ -144,18 +163,19 @@ def test_mma_fragments_on_small_integers_are_exact(tc_ops, dtype):
     a = torch.randint(-3, 4, (16, 32), generator=g).to(dtype)
     bk = torch.randint(-2, 3, (16, 32), generator=g).to(dtype)  # |S| <= 32 * 3 * 2 = 192
     v = torch.randint(-2, 3, (16, 16), generator=g).to(dtype)
-    s, o = tc_ops.mma_probe(a, bk, v)
+    s, o = tc_ops.mma_probe(a, bk, v, ldsm)
     s_ref = a.double() @ bk.double().T
     assert torch.equal(s.double(), s_ref)
     assert torch.equal(o.double(), s_ref @ v.double())  # |O| <= 16 * 192 * 2: exact in fp32
 
 
+@pytest.mark.parametrize("ldsm", [False, True], ids=["plain", "ldmatrix"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-def test_mma_fragments_on_random_values(tc_ops, dtype):
+def test_mma_fragments_on_random_values(tc_ops, dtype, ldsm):
     g = helpers.gen(2)
     a, bk = (torch.randn(16, 32, generator=g).to(dtype) for _ in range(2))
     v = torch.randn(16, 16, generator=g).to(dtype)
-    s, o = tc_ops.mma_probe(a, bk, v)
+    s, o = tc_ops.mma_probe(a, bk, v, ldsm)
     s_ref = a.double() @ bk.double().T
     torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=1e-5)  # fp32 sums of exact products
     o_ref = s.to(dtype).double() @ v.double()  # P is rounded to the input dtype before the second product

@@ -8,7 +8,7 @@
 // Per CTA: the Q block is staged once through shared memory into A fragments held in registers
 // (D/16 x 4 registers per lane). Per key tile: K and V (BN x D, input dtype, rows padded by 8 elements so the
 // fragment reads hit distinct banks) and the tile's key-padding flags are staged in shared memory; each warp
-//   S (16 x BN, fp32) = Q·Kᵀ: BN/8 n-tiles x D/16 k-steps of mma, K read as n-major B fragments;
+//   S (16 x BN, fp32) = Q·Kᵀ: BN/8 n-tiles x D/16 k-steps of mma, K's B fragments by ldmatrix.x4 (two k-steps);
 //   per accumulator element (row i, key j): scale, prior (fwd::add_prior, the scalar kernel's semantics),
 //     causal / padding / band masks -> -inf;
 //   online softmax per row, in base 2 (logits x log2 e, then exp2): a row's BN entries live in the 4 lanes of
@@ -17,7 +17,8 @@
 //     exp2(m_old - m_new);
 //   dropout per element (the CPU kernels' hash and counter), kept p scaled by 1/(1 - p), l sums undropped p;
 //   P rounded to the input dtype and re-read as A fragments (C layout of n-tiles 2c, 2c+1 = A layout of key
-//     chunk c), O (16 x D, fp32) += P·V: BN/16 k-steps x D/8 n-tiles of mma, V read as k-major B fragments.
+//     chunk c), O (16 x D, fp32) += P·V: BN/16 k-steps x D/8 n-tiles of mma, V's B fragments by
+//     ldmatrix.x4.trans (two n-tiles).
 // Rows with no visible key keep m = -inf (their exponentials use 0 as the shift, so p = 0, never NaN) and end
 // with out 0, lse -inf.
 #pragma once
@@ -71,7 +72,7 @@ __device__ __forceinline__ void stage_rows(T (*dst)[D + PAD], const T* base, int
 template <typename T, int D>
 __global__ void __launch_bounds__(NT) attention_fwd_tc_kernel(const FwdParams p) {
   static_assert(BM == NW * 16 && BM == BN, "the Q block is staged through the K buffer");
-  static_assert(D % 16 == 0, "head dim a multiple of 16");
+  static_assert(D % 32 == 0, "head dim a multiple of 32 (pairs of k-steps and of n-tiles per ldmatrix.x4)");
   constexpr int LDS = D + PAD;
   constexpr int KD = D / 16;   // k-steps of Q·Kᵀ
   constexpr int NS = BN / 8;   // n-tiles of S
@@ -125,10 +126,11 @@ __global__ void __launch_bounds__(NT) attention_fwd_tc_kernel(const FwdParams p)
     for (int n = 0; n < NS; ++n) {
       s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
 #pragma unroll
-      for (int kc = 0; kc < KD; ++kc) {
-        uint32_t kb[2];
-        mma::b_from_n_major<T>(kb, &ks[8 * n][16 * kc], LDS, lane);
-        mma::mma_16816<T>(s[n], qa[kc], kb);
+      for (int kc = 0; kc < KD; kc += 2) {  // two k-steps per ldmatrix.x4
+        uint32_t kb0[2], kb1[2];
+        mma::b2_from_n_major_ldsm<T>(kb0, kb1, &ks[8 * n][16 * kc], LDS, lane);
+        mma::mma_16816<T>(s[n], qa[kc], kb0);
+        mma::mma_16816<T>(s[n], qa[kc + 1], kb1);
       }
     }
 
@@ -185,10 +187,11 @@ __global__ void __launch_bounds__(NT) attention_fwd_tc_kernel(const FwdParams p)
       uint32_t pa[4];
       mma::a_from_accumulators<T>(pa, s[2 * c], s[2 * c + 1]);
 #pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        uint32_t vb[2];
-        mma::b_from_k_major<T>(vb, &vs[16 * c][8 * n], LDS, lane);
-        mma::mma_16816<T>(o[n], pa, vb);
+      for (int n = 0; n < NO; n += 2) {  // two n-tiles per ldmatrix.x4.trans
+        uint32_t vb0[2], vb1[2];
+        mma::b2_from_k_major_ldsm<T>(vb0, vb1, &vs[16 * c][8 * n], LDS, lane);
+        mma::mma_16816<T>(o[n], pa, vb0);
+        mma::mma_16816<T>(o[n + 1], pa, vb1);
       }
     }
   }

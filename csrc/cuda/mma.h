@@ -1,6 +1,6 @@
-// Warp-level tensor-core product mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (sm_80+) and
-// the helpers that fill its fragments, written once for every kernel that uses it (attention_fwd_tc_kernel.cuh,
-// and the layout probe of tests/test_cuda_fwd_tc.py).
+// Warp-level tensor-core product mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (sm_80+),
+// ldmatrix, and the helpers that fill the fragments, written once for every kernel that uses them
+// (attention_fwd_tc_kernel.cuh, and the layout probe of tests/test_cuda_fwd_tc.py).
 //
 // Fragment layouts: PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type". With
 // g = lane >> 2 (groupID) and t = lane % 4 (threadID_in_group):
@@ -107,6 +107,68 @@ inline float value(uint32_t reg, int half, __nv_bfloat16) {
 }
 }  // namespace emu_detail
 #endif
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (PTX ISA, "Warp-level matrix load instruction: ldmatrix"):
+// four 8 x 8 matrices of 16-bit elements from shared memory; lane l supplies the address of row l % 8 of matrix
+// l / 8 (16-byte aligned). Register m of lane l receives, of matrix m, without .trans the pair (row l / 4,
+// cols 2(l % 4), 2(l % 4) + 1), with .trans the pair (rows 2(l % 4), 2(l % 4) + 1, col l / 4) (low half first).
+// Warp-collective. Under the emulation: each lane publishes its address, a warp barrier, each lane reads its
+// elements through the addresses of the lanes that own its rows, another barrier.
+template <bool Trans>
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void* row_addr) {
+#if defined(__CUDA_ARCH__)
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_addr));
+  if constexpr (Trans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+#elif !defined(__CUDACC__) && defined(RAPKERN_HOST_EMULATION)
+  auto* cta = ::rapkern::cuda::emu::current;
+  const unsigned t = threadIdx.x, lane = t & 31u, warp0 = t - lane;
+  cta->addrs[t] = row_addr;
+  __syncwarp();
+  auto at = [&](unsigned row_lane, unsigned col) {  // element `col` of the row whose address lane row_lane gave
+    uint16_t v;
+    std::memcpy(&v, static_cast<const unsigned char*>(cta->addrs[warp0 + row_lane]) + 2 * col, sizeof v);
+    return static_cast<uint32_t>(v);
+  };
+  for (unsigned m = 0; m < 4; ++m) {
+    if constexpr (Trans) {
+      const unsigned row = 2 * (lane % 4), col = lane / 4;
+      r[m] = at(8 * m + row, col) | (at(8 * m + row + 1, col) << 16);
+    } else {
+      const unsigned row = lane / 4, col = 2 * (lane % 4);
+      r[m] = at(8 * m + row, col) | (at(8 * m + row, col + 1) << 16);
+    }
+  }
+  __syncwarp();
+#endif
+}
+
+// B fragments of two consecutive k-steps, n-major tile (as b_from_n_major) at base (k-steps at base and base + 16),
+// by one ldmatrix.x4: matrices = (k 0-7, k 8-15) of the first step, then of the second. Rows 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void b2_from_n_major_ldsm(uint32_t b0[2], uint32_t b1[2], const T* base, int ld,
+                                                     int lane) {
+  uint32_t r[4];
+  ldsm_x4<false>(r, base + (lane & 7) * ld + 8 * (lane >> 3));
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+
+// B fragments of two consecutive n-tiles, k-major tile (as b_from_k_major) at base (n-tiles at base and
+// base + 8), by one ldmatrix.x4.trans: matrices = (k 0-7, k 8-15) of the first n-tile, then of the second.
+template <typename T>
+__device__ __forceinline__ void b2_from_k_major_ldsm(uint32_t b0[2], uint32_t b1[2], const T* base, int ld,
+                                                     int lane) {
+  uint32_t r[4];
+  ldsm_x4<true>(r, base + (8 * ((lane >> 3) & 1) + (lane & 7)) * ld + 8 * (lane >> 4));
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
 
 // d += A·B for one m16n8k16 step (T = __half or __nv_bfloat16, fp32 accumulation). Warp-collective: all 32 lanes
 // of the warp must call it together (same as the instruction).
