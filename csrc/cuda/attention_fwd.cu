@@ -4,7 +4,7 @@
 // UNVERIFIED ON A GPU: no GPU run has executed these kernels yet (no device in the sessions that wrote them).
 // What is checked on a CPU: the module compiles and links for sm_80 and sm_90a with no spills and static shared
 // memory <= 48 KB (cuobjdump), the index arithmetic (index.h) is unit-tested on the host, and both kernels' own
-// code runs under a host emulation of CUDA threads, barriers, shuffles and the warp-collective mma.sync
+// code runs under a host emulation of CUDA threads, barriers, shuffles and the warp-collective mma.sync / ldmatrix
 // (host_emulation.h, mma.h) against the float64 reference (tests/test_cuda_ext.py, tests/test_cuda_fwd_tc.py).
 // Memory races, real warp scheduling, the compiled SASS and the hardware's mma are only checked by the
 // @pytest.mark.gpu tests and compute-sanitizer on a GPU; run those before trusting it.
@@ -16,9 +16,11 @@
 // Tensor-core kernel (attention_fwd_tc_kernel.cuh, FlashAttention-2 style): one CTA of 4 warps (128 threads) per
 // (b·Hq + h, block of BM = 64 query rows); warp w owns rows 16w..16w+15. The Q block's A fragments stay in
 // registers; per key tile of BN = 64 keys, K and V are staged in shared memory (input dtype, rows padded by 8
-// elements: 2 x 64 x 136 x 2 B = 34 KB static at D = 128), S = Q·Kᵀ by mma.sync m16n8k16 (fp32 accumulators),
-// scale / prior / masks / online softmax on the accumulator fragments (a row lives in one quad of lanes), P
-// rounded to the input dtype becomes the A operand of O += P·V (FA2: the C layout of S is the A layout of P).
+// elements: 2 x 64 x 136 x 2 B = 34 KB static at D = 128), S = Q·Kᵀ by mma.sync m16n8k16 (fp32 accumulators;
+// K's B fragments by ldmatrix.x4, V's by ldmatrix.x4.trans), scale / prior / masks / online softmax (base 2) on
+// the accumulator fragments (a row lives in one quad of lanes), P rounded to the input dtype becomes the A
+// operand of O += P·V (FA2: the C layout of S is the A layout of P). Global loads are plain (16-byte vectors
+// when rows are aligned), not cp.async, and not double-buffered: the next speed-ups once a GPU has checked it.
 //
 // SIMT kernel (attention_fwd_kernel.cuh): one CTA of 256 threads per (b·Hq + h, block of BM = 64 query rows).
 // Thread t owns query row r = t / 4 of the block and the head-dim columns d = (t % 4) + 4m (m < D/4) of that
