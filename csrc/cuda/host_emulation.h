@@ -1,9 +1,12 @@
-// A host-only emulation of the few CUDA features csrc/cuda/attention_fwd_kernel.cuh uses, so that the kernel's
-// own code can run on a CPU in tests (tests/test_cuda_ext.py, "emulated"): each CTA runs as `threads`
-// std::threads (one per CUDA thread), __syncthreads is a barrier over the CTA, __syncwarp one over a warp of 32,
-// __shfl_xor_sync exchanges values through per-CTA slots between two warp barriers, __shared__ variables are
-// function statics (CTAs run one after another). Semantics only, not timing; and it cannot find what only a GPU
-// shows (memory races the barriers hide, bank conflicts, ptxas bugs): compute-sanitizer on a GPU still has to.
+// A host-only emulation of the few CUDA features the kernels of csrc/cuda use, so that a kernel's own code can
+// run on a CPU in tests (tests/test_cuda_ext.py and tests/test_cuda_fwd_tc.py, "emulated"): each CTA runs as
+// `threads` std::threads (one per CUDA thread), __syncthreads is a barrier over the CTA, __syncwarp one over a
+// warp of 32, __shfl_xor_sync exchanges values through per-CTA slots between two warp barriers, __shared__
+// variables are function statics (CTAs run one after another). The warp-collective mma.sync and ldmatrix of
+// csrc/cuda/mma.h are emulated there on top of `Cta::words` (kWords 32-bit registers per thread) and
+// `Cta::addrs` (one address per thread), published between two warp barriers. Semantics only, not timing; and it
+// cannot find what only a GPU shows (memory races the barriers hide, bank conflicts, ptxas bugs, the hardware's
+// mma rounding): compute-sanitizer on a GPU still has to.
 //
 // Include it before the kernel header, in a translation unit compiled by the host compiler (C++20).
 #pragma once
@@ -16,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #include <barrier>
+#include <cstdint>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -27,6 +31,7 @@
 #undef __shared__
 #define __shared__ static
 #define __launch_bounds__(...)
+#define RAPKERN_HOST_EMULATION 1
 
 namespace rapkern::cuda::emu {
 
@@ -35,12 +40,16 @@ struct Dim {
 };
 
 struct Cta {
-  explicit Cta(int threads) : all(threads), slots(threads) {
+  static constexpr int kWords = 8;  // 32-bit slots per thread for warp-collective ops (mma.h: 4 A + 2 B registers)
+  explicit Cta(int threads)
+      : all(threads), slots(threads), words(static_cast<size_t>(threads) * kWords), addrs(threads) {
     for (int w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
   }
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> slots;
+  std::vector<uint32_t> words;
+  std::vector<const void*> addrs;  // one address per thread for warp-collective loads (mma.h ldmatrix)
 };
 
 inline thread_local Dim thread_idx, block_idx;
