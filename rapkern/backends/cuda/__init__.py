@@ -17,9 +17,9 @@ HEAD_DIMS = (64, 128)  # compiled kernels: D == Dv in HEAD_DIMS (csrc/cuda/fwd_p
 
 
 class CudaBackend(Backend):
-    """CUDA C++ kernels: tiled SIMT attention forward and backward (fp32/fp16/bf16, every prior kind, per-head
-    alpha, causal, key padding, GQA, dropout, head dims 64 and 128; gradients of q, k, v, the prior tensors and
-    alpha, bitwise deterministic: fixed-order partial reductions, no float atomics).
+    """CUDA C++ kernels: attention forward (tensor cores for fp16/bf16, SIMT for fp32) and a SIMT backward (every
+    prior kind, per-head alpha, causal, key padding, GQA, dropout, head dims 64 and 128; gradients of q, k, v, the
+    prior tensors and alpha, bitwise deterministic: fixed-order partial reductions, no float atomics).
 
     UNVERIFIED ON A GPU: no GPU run has executed these kernels yet (issue 15). On a CPU they compile and link for
     sm_80/sm_90a without spills, their index arithmetic is unit-tested (tests/test_cuda_index.py) and the
