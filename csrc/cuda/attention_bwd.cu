@@ -20,6 +20,7 @@
 
 #include "cuda/attention_bwd_kernel.cuh"
 #include "cuda/bwd_params.h"
+#include "cuda/dtype_dispatch.h"
 
 namespace rapkern::cuda {
 namespace {
@@ -60,16 +61,7 @@ cudaError_t launch_typed(const BwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_attention_bwd(const BwdParams& p, int dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case kF32:
-      return launch_typed<float>(p, stream);
-    case kF16:
-      return launch_typed<__half>(p, stream);
-    case kBF16:
-      return launch_typed<__nv_bfloat16>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, [&](auto zero) { return launch_typed<decltype(zero)>(p, stream); });
 }
 
 }  // namespace rapkern::cuda

@@ -44,6 +44,7 @@
 
 #include "cuda/attention_fwd_kernel.cuh"
 #include "cuda/attention_fwd_tc_kernel.cuh"
+#include "cuda/dtype_dispatch.h"
 #include "cuda/fwd_params.h"
 
 namespace rapkern::cuda {
@@ -91,16 +92,7 @@ cudaError_t launch_typed(const FwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t launch_attention_fwd(const FwdParams& p, int dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case kF32:
-      return launch_typed<float>(p, stream);
-    case kF16:
-      return launch_typed<__half>(p, stream);
-    case kBF16:
-      return launch_typed<__nv_bfloat16>(p, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, [&](auto zero) { return launch_typed<decltype(zero)>(p, stream); });
 }
 
 }  // namespace rapkern::cuda
