@@ -21,6 +21,7 @@ using fwd::kFull;
 using fwd::to_f;
 
 constexpr int BM = kBwdBM, BN = kBwdBN, KB = kBwdKB, QT = kBwdQT, NT = kBwdNT;
+static_assert(NT == fwd::NT, "fwd::stage_key_tile spreads a tile over fwd::NT threads");
 
 // Keys per tile of the dq kernel: 32, or 8 for float32 at head dim 128, where the dO rows, the K and V tiles
 // and the score tile must share 48 KB of static shared memory.
@@ -142,16 +143,7 @@ __global__ void __launch_bounds__(NT, 1) attention_bwd_q_kernel(const BwdParams 
       for (int64_t jb = jb_lo; jb < jb_hi; ++jb) {
         const int64_t j0 = jb * TN;
         __syncthreads();  // the previous tile's readers are done
-        for (int e = tid; e < TN * D; e += NT) {
-          const int jj = e / D, d = e % D;
-          const int64_t j = j0 + jj;
-          ks[jj][d] = j < f.Lk ? kbase[j * f.k_sl + d] : from_f<T>(0.f);
-          vs[jj][d] = j < f.Lk ? vbase[j * f.v_sl + d] : from_f<T>(0.f);
-        }
-        if (tid < TN) {
-          const int64_t j = j0 + tid;
-          kmasked[tid] = j >= f.Lk || (f.kpm != nullptr && f.kpm[b * f.kpm_sb + j * f.kpm_sl]);
-        }
+        fwd::stage_key_tile<T, D, TN>(f, kbase, vbase, b, j0, tid, ks, vs, kmasked);
         __syncthreads();
 #pragma unroll 1
         for (int jj = 0; jj < TN; ++jj) {

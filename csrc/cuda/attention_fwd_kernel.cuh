@@ -60,6 +60,23 @@ __device__ __forceinline__ float add_prior(const FwdParams& p, float a, int64_t 
   }
 }
 
+// Stages keys [j0, j0 + TN) of K and V (rows past Lk: 0) and their masked flags (past Lk or padded) into shared
+// memory, all NT threads of the CTA sharing the work; the caller puts the barriers around it.
+template <typename T, int D, int TN>
+__device__ __forceinline__ void stage_key_tile(const FwdParams& p, const T* kbase, const T* vbase, int64_t b,
+                                               int64_t j0, int tid, T (*ks)[D], T (*vs)[D], bool* kmasked) {
+  for (int e = tid; e < TN * D; e += NT) {
+    const int jj = e / D, d = e % D;
+    const int64_t j = j0 + jj;
+    ks[jj][d] = j < p.Lk ? kbase[j * p.k_sl + d] : from_f<T>(0.f);
+    vs[jj][d] = j < p.Lk ? vbase[j * p.v_sl + d] : from_f<T>(0.f);
+  }
+  if (tid < TN) {
+    const int64_t j = j0 + tid;
+    kmasked[tid] = j >= p.Lk || (p.kpm != nullptr && p.kpm[b * p.kpm_sb + j * p.kpm_sl]);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(NT) attention_fwd_kernel(const FwdParams p) {
   constexpr int DQ = D / 4;  // head-dim columns per thread
@@ -95,16 +112,7 @@ __global__ void __launch_bounds__(NT) attention_fwd_kernel(const FwdParams p) {
   for (int64_t jb = jb_lo; jb < jb_hi; ++jb) {
     const int64_t j0 = jb * BN;
     __syncthreads();  // the previous tile's readers are done
-    for (int e = tid; e < BN * D; e += NT) {
-      const int jj = e / D, d = e % D;
-      const int64_t j = j0 + jj;
-      ks[jj][d] = j < p.Lk ? kbase[j * p.k_sl + d] : from_f<T>(0.f);
-      vs[jj][d] = j < p.Lk ? vbase[j * p.v_sl + d] : from_f<T>(0.f);
-    }
-    if (tid < BN) {
-      const int64_t j = j0 + tid;
-      kmasked[tid] = j >= p.Lk || (p.kpm != nullptr && p.kpm[b * p.kpm_sb + j * p.kpm_sl]);
-    }
+    stage_key_tile<T, D, BN>(p, kbase, vbase, b, j0, tid, ks, vs, kmasked);
     __syncthreads();
 
     // Scores: the four threads of a row sum their partial dot products (lanes 4k..4k+3 of one warp), the
