@@ -88,9 +88,12 @@ def _attn_bwd_dkdv_kernel(
             lse = tl.load(Lse + off_bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
             delta = tl.load(Delta + off_bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+            # low-rank: the prior tile is computed for every head (alpha = 0 included, a product of finite
+            # factors times 0) rather than behind a branch on alpha, measured: the branch's two paths cost the
+            # registers that keep (32, 64) spill-free at head dims 64/128
             sT, bT = _logits(k, qT, qk_scale, alpha, offs_m[None, :], offs_n[:, None], offs_m, offs_n, Lq, Lk,
                              off_b, Kpm, skpm_b, P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                             PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_N, BLOCK_M, False, True)
+                             PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_N, BLOCK_M, PRIOR == 3, True)
             pT = tl.math.exp2(sT - lse2[None, :])
             dpT = _dot(v, tl.trans(do), IEEE)
             if DROPOUT:
