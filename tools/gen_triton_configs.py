@@ -49,7 +49,7 @@ CANDIDATES = {
             (32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1), (32, 32, 8, 1),
            (16, 32, 4, 1), (16, 16, 4, 1)],
-    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1), (32, 32, 8, 1),
+    "dkdv": [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 1), (32, 32, 4, 1), (32, 32, 8, 1),
              (16, 64, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
     "laggrad": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 32, 8, 1), (32, 32, 4, 1), (16, 16, 4, 1)],
 }
@@ -154,6 +154,13 @@ def load_existing(path: Path) -> dict:
     ns: dict = {}
     exec(compile(path.read_text(), str(path), "exec"), ns)
     return ns
+
+
+def stale_note(table: dict, meta: dict, fps: dict) -> str:
+    """The table's NOTE: how many launch keys (of every kernel, not only this run's) are stale or missing."""
+    stale = [k for k in all_keys() if key_str(k) not in table or meta.get(key_str(k), (None,))[0] != fps[k[0]]]
+    return (f"{len(stale)} keys not searched for the current kernels: they keep older entries" if stale
+            else "complete")
 
 
 def write_module(path: Path, version: str, table: dict, meta: dict, fps: dict, note: str):
@@ -273,9 +280,8 @@ def main():
         table[key_str(key)] = s.found
         meta[key_str(key)] = (fps[key[0]], s.found_res)
         done_keys.append(key)
-        left = len(todo) - len(done_keys)  # written as it goes: an interrupted run keeps what it found
-        note = f"{left} keys not searched for the current kernels: they keep older entries" if left else "complete"
-        write_module(out, triton.__version__, table, meta, fps, note)
+        # written as it goes: an interrupted run keeps what it found
+        write_module(out, triton.__version__, table, meta, fps, stale_note(table, meta, fps))
         print(f"[{len(done_keys)}/{len(todo)}] {key_str(key)}: {s.found} {s.found_res} ({time.time() - t0:.0f}s)",
               flush=True)
 
@@ -311,9 +317,7 @@ def main():
             cache_path.write_text(json.dumps(cache))
 
     left = [k for k in todo if k not in done_keys]
-    note = (f"{len(left)} keys not searched for the current kernels (deadline): they keep older entries"
-            if left else "complete")
-    write_module(out, triton.__version__, table, meta, fps, note)
+    write_module(out, triton.__version__, table, meta, fps, stale_note(table, meta, fps))
     print(f"wrote {out}: {len(done_keys)} keys searched, {n_compiles} compiles, {n_cached} cached results, "
           f"{len(left)} left, {time.time() - t0:.0f}s", flush=True)
 

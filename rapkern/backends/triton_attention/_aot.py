@@ -36,7 +36,8 @@ def kernel_fn(kernel: str):
         from ._fwd_kernel import _attn_fwd_kernel
 
         return _attn_fwd_kernel
-    from ._bwd_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+    from ._dkdv_kernel import _attn_bwd_dkdv_kernel
+    from ._dq_kernel import _attn_bwd_dq_kernel
 
     return {"dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}[kernel]
 

@@ -26,7 +26,7 @@ for sm_80/sm_90 (tests/test_triton_stats_compile.py).
 import triton
 import triton.language as tl
 
-from ._bwd_kernels import _lag_diag_sums
+from ._lag_diag import _lag_diag_sums
 from ._common import _dot, _dot_f32, _key_block_range, _load_factor, _load_rows_T, _logits
 
 LOG2E = tl.constexpr(1.4426950408889634)

@@ -70,7 +70,7 @@ def required_keys() -> list[str]:
 
 
 _PKG = Path(__file__).resolve().parent
-KERNEL_FILES = {"fwd": ("_fwd_kernel.py",), "dq": ("_bwd_kernels.py",), "dkdv": ("_bwd_kernels.py",)}
+KERNEL_FILES = {"fwd": ("_fwd_kernel.py",), "dq": ("_dq_kernel.py",), "dkdv": ("_dkdv_kernel.py",)}
 
 
 def kernel_fingerprints() -> dict[str, str]:

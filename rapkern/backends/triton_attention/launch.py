@@ -14,7 +14,8 @@ import triton
 
 from ...priors import lead4, sum_to
 from . import configs as C
-from ._bwd_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+from ._dkdv_kernel import _attn_bwd_dkdv_kernel
+from ._dq_kernel import _attn_bwd_dq_kernel
 from ._fwd_kernel import _attn_fwd_kernel
 
 _KIND = {"none": 0, "lag": 1, "banded": 2, "lowrank": 3, "dense": 4}

@@ -1,0 +1,136 @@
+"""Backward, dq kernel (FlashAttention-2 recomputation from the LSE), deterministic, no atomics.
+
+``_attn_bwd_dq_kernel``: one program per (query block, batch·query head), loops over key blocks. Owns dq,
+and the prior gradients that live on query rows: banded values (each (i, w + j - i) is written by exactly
+one key tile, so a plain store suffices), low-rank ``du = α·dS·v_f``, dense ``α·dS`` tiles, and a
+per-program partial of ``dα_h = Σ dS∘B``. Reduced on the host (launch.py) with dense torch ops over fixed
+dims, so gradients are bitwise reproducible. Dropout masks are regenerated from the forward's Philox
+counters.
+
+One kernel per module: the config tables' fingerprint of the dq keys (configs.KERNEL_FILES) covers this
+file and what it imports, so editing the dk/dv kernel leaves the dq keys verified.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import _dot, _dot_f32, _dropout_uniform, _key_block_range, _load_factor, _load_rows_T, _logits
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Alpha, Kpm,
+    P_ptr, sp_b, sp_h, sp_r, sp_c, P2_ptr, sp2_b, sp2_h, sp2_r, sp2_c, PW,
+    DPR, dpr_r, DA, da_bh,
+    sq_b, sq_h, sq_m, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sdo_b, sdo_h, sdo_m, sdq_b, sdq_h, sdq_m, skpm_b,
+    Hq, Lq, Lk, D, DV, GROUP, qk_scale, scale, dropout_p, seed,
+    LQ_BUCKET, LK_BUCKET,
+    PRIOR: tl.constexpr, MASK_OUT: tl.constexpr, R_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    IEEE: tl.constexpr, NEED_DPRIOR: tl.constexpr, NEED_DALPHA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    n_mb = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)  # launch.dq_grid: (b·Hq + h) · n_mb + query block
+    off_bh = pid // n_mb
+    start_m = pid % n_mb
+    off_b = off_bh // Hq
+    off_h = off_bh % Hq
+    off_kh = off_h // GROUP
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    m_ok = offs_m < Lq
+
+    q = tl.load(Q + off_b.to(tl.int64) * sq_b + off_h.to(tl.int64) * sq_h
+                + offs_m[:, None].to(tl.int64) * sq_m + offs_d[None, :],
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * sdo_b + off_h.to(tl.int64) * sdo_h
+                 + offs_m[:, None].to(tl.int64) * sdo_m + offs_dv[None, :],
+                 mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(Lse + off_bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # dead rows: p = 0
+    delta = tl.load(Delta + off_bh.to(tl.int64) * Lq + offs_m, mask=m_ok, other=0.0)
+    k_base = K + off_b.to(tl.int64) * sk_b + off_kh.to(tl.int64) * sk_h
+    v_base = V + off_b.to(tl.int64) * sv_b + off_kh.to(tl.int64) * sv_h
+    p_base = off_b.to(tl.int64) * sp_b + off_h.to(tl.int64) * sp_h
+    p2_base = off_b.to(tl.int64) * sp2_b + off_h.to(tl.int64) * sp2_h
+    dpr_base = off_bh.to(tl.int64) * Lq * dpr_r
+    alpha = tl.load(Alpha + off_h)
+    # banded prior: read here, not in _logits, with 32-bit in-tile offsets from the block's int64 row base
+    # (|offset| < BLOCK_M·sp_r + 2W·sp_c): measured, this keeps dq at the no-prior tile at head dim 128
+    p_blk = P_ptr + p_base + tl.cast(start_m * BLOCK_M, tl.int64) * sp_r
+    rows_l = tl.arange(0, BLOCK_M)
+
+    lo, hi = _key_block_range(start_m, Lk, PW, PRIOR, MASK_OUT, CAUSAL, BLOCK_M, BLOCK_N)
+
+    dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    da = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    du = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        kT = _load_rows_T(k_base, start_n, sk_n, offs_d, n_ok, D, BLOCK_N)
+        if PRIOR == 2:
+            s = _dot(q, kT, IEEE) * qk_scale
+            off = offs_n[None, :] - offs_m[:, None] + PW
+            inside = (off >= 0) & (off <= 2 * PW)
+            valid = n_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            if HAS_KPM:
+                pad = tl.load(Kpm + off_b.to(tl.int64) * skpm_b + offs_n, mask=n_ok, other=1)
+                valid = valid & (pad[None, :] == 0)
+            if MASK_OUT:
+                valid = valid & inside
+            b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if NEED_DALPHA:  # d(alpha) needs B even where alpha = 0
+                b = tl.load(p_blk + (rows_l[:, None] * sp_r + off * sp_c),
+                            mask=inside & m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                s = s + (alpha * LOG2E) * b
+            elif alpha != 0:  # heads with alpha = 0 skip the prior read
+                b = tl.load(p_blk + (rows_l[:, None] * sp_r + off * sp_c),
+                            mask=inside & m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                s = s + (alpha * LOG2E) * b
+            s = tl.where(valid, s, float("-inf"))
+        else:
+            s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk,
+                           off_b, Kpm, skpm_b,
+                           P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
+                           PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, NEED_DALPHA, False)
+        p = tl.math.exp2(s - lse2[:, None])
+        vT = _load_rows_T(v_base, start_n, sv_n, offs_dv, n_ok, DV, BLOCK_N)
+        dp = _dot(do, vT, IEEE)
+        if DROPOUT:
+            u = _dropout_uniform(seed, off_bh, offs_m, start_n, BLOCK_M, BLOCK_N)
+            dp = dp * tl.where(u >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
+        if NEED_DALPHA:
+            da += tl.sum(ds * b, 1)
+        if NEED_DPRIOR:
+            dsa = ds * alpha
+            if PRIOR == 2:
+                off = offs_n[None, :] - offs_m[:, None] + PW
+                inside = m_ok[:, None] & n_ok[None, :] & (off >= 0) & (off <= 2 * PW)
+                tl.store(DPR + dpr_base + offs_m[:, None].to(tl.int64) * dpr_r + off.to(tl.int64),
+                         dsa, mask=inside)
+            if PRIOR == 3:
+                wf = _load_factor(P2_ptr, p2_base, offs_n, Lk, sp2_r, sp2_c, PW, R_PAD)
+                du += _dot_f32(dsa, wf, IEEE)
+            if PRIOR == 4:
+                tl.store(DPR + dpr_base + offs_m[:, None].to(tl.int64) * dpr_r + offs_n[None, :].to(tl.int64),
+                         dsa, mask=m_ok[:, None] & n_ok[None, :])
+
+    dq = dq * scale
+    tl.store(DQ + off_b.to(tl.int64) * sdq_b + off_h.to(tl.int64) * sdq_h
+             + offs_m[:, None].to(tl.int64) * sdq_m + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+    if NEED_DALPHA:
+        tl.store(DA + off_bh.to(tl.int64) * da_bh + start_m, tl.sum(da, 0))
+    if NEED_DPRIOR:
+        if PRIOR == 3:
+            offs_r = tl.arange(0, R_PAD)
+            tl.store(DPR + dpr_base + offs_m[:, None].to(tl.int64) * dpr_r + offs_r[None, :], du,
+                     mask=m_ok[:, None] & (offs_r[None, :] < PW))
