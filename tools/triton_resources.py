@@ -82,7 +82,8 @@ def _tutorial_fwd(Q, K, V, Out, Lse, sq_h, sq_m, sk_h, sk_n, sv_h, sv_n, so_h, s
 def _kernel(name):
     if name == "tutorial":
         return _tutorial_fwd
-    from rapkern.backends.triton_attention._bwd_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
+    from rapkern.backends.triton_attention._dkdv_kernel import _attn_bwd_dkdv_kernel
+    from rapkern.backends.triton_attention._dq_kernel import _attn_bwd_dq_kernel
     from rapkern.backends.triton_attention._fwd_kernel import _attn_fwd_kernel
 
     return {"fwd": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}[name]

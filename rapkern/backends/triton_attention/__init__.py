@@ -9,7 +9,7 @@ is a Philox counter-based mask keyed on (seed, b, h, i, j), regenerated in backw
 tiles from the LSE in two kernels (dq, and key-major dk/dv), writes prior-gradient partials per block
 and reduces them on the host in a fixed order: no atomics anywhere, bitwise-reproducible gradients.
 
-Layering: _fwd_kernel.py / _bwd_kernels.py (@triton.jit, _common.py holds the prior tile) ->
+Layering: _fwd_kernel.py / _dq_kernel.py / _dkdv_kernel.py (@triton.jit, _common.py holds the prior tile) ->
 launch.py (allocation, grids, autotune over configs.py) -> ops.py (the torch.library ops
 ``rapkern_triton::attention_fwd`` / ``attention_bwd`` with fake implementations, so torch.compile with
 fullgraph=True records them as opaque nodes) -> function.py (their autograd) -> here.
