@@ -14,7 +14,7 @@ file and what it imports, so editing the dk/dv kernel leaves the dq keys verifie
 import triton
 import triton.language as tl
 
-from ._common import _dot, _dot_f32, _dropout_uniform, _key_block_range, _load_factor, _load_rows_T, _logits
+from ._common import _dot, _dot_f32, _dropout_uniform, _key_block_range, _load_rows_T
 
 
 @triton.jit
@@ -56,12 +56,22 @@ def _attn_bwd_dq_kernel(
     v_base = V + off_b.to(tl.int64) * sv_b + off_kh.to(tl.int64) * sv_h
     p_base = off_b.to(tl.int64) * sp_b + off_h.to(tl.int64) * sp_h
     p2_base = off_b.to(tl.int64) * sp2_b + off_h.to(tl.int64) * sp2_h
-    dpr_base = off_bh.to(tl.int64) * Lq * dpr_r
+    # prior-gradient rows of this block: an int64 block base, 32-bit in-tile offsets (as for the prior's rows)
+    dpr_blk = DPR + (off_bh.to(tl.int64) * Lq + start_m * BLOCK_M) * dpr_r
+    rows_m = tl.arange(0, BLOCK_M)
     alpha = tl.load(Alpha + off_h)
-    # banded prior: read here, not in _logits, with 32-bit in-tile offsets from the block's int64 row base
-    # (|offset| < BLOCK_M·sp_r + 2W·sp_c): measured, this keeps dq at the no-prior tile at head dim 128
+    # prior rows of this query block (rows beyond Lq read row Lq - 1, never stored): an int64 block base and
+    # 32-bit in-tile offsets, and the low-rank query factor resident; measured, each keeps dq at the no-prior
+    # tile where the general _prior_tile's int64 pointer tiles spill
     p_blk = P_ptr + p_base + tl.cast(start_m * BLOCK_M, tl.int64) * sp_r
-    rows_l = tl.arange(0, BLOCK_M)
+    rows_l = tl.minimum(offs_m, Lq - 1) - start_m * BLOCK_M
+    first = start_m * BLOCK_M
+    band_row = rows_l * sp_r - (offs_m - first) * sp_c
+    offs_r = tl.arange(0, R_PAD)
+    u_res = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if PRIOR == 3:
+        u_res = tl.load(p_blk + (rows_l[:, None] * sp_r + offs_r[None, :] * sp_c),
+                        mask=offs_r[None, :] < PW, other=0.0).to(tl.float32)
 
     lo, hi = _key_block_range(start_m, Lk, PW, PRIOR, MASK_OUT, CAUSAL, BLOCK_M, BLOCK_N)
 
@@ -72,33 +82,43 @@ def _attn_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < Lk
         kT = _load_rows_T(k_base, start_n, sk_n, offs_d, n_ok, D, BLOCK_N)
-        if PRIOR == 2:
-            s = _dot(q, kT, IEEE) * qk_scale
-            off = offs_n[None, :] - offs_m[:, None] + PW
-            inside = (off >= 0) & (off <= 2 * PW)
-            valid = n_ok[None, :]
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_KPM:
-                pad = tl.load(Kpm + off_b.to(tl.int64) * skpm_b + offs_n, mask=n_ok, other=1)
-                valid = valid & (pad[None, :] == 0)
-            if MASK_OUT:
-                valid = valid & inside
-            b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if NEED_DALPHA:  # d(alpha) needs B even where alpha = 0
-                b = tl.load(p_blk + (rows_l[:, None] * sp_r + off * sp_c),
-                            mask=inside & m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        s = _dot(q, kT, IEEE) * qk_scale
+        valid = n_ok[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        if HAS_KPM:
+            pad = tl.load(Kpm + off_b.to(tl.int64) * skpm_b + offs_n, mask=n_ok, other=1)
+            valid = valid & (pad[None, :] == 0)
+        b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PRIOR == 4:
+            # a -inf in a user's dense bias masks for every alpha, even 0
+            b = tl.load(p_blk + (rows_l[:, None] * sp_r + offs_n[None, :] * sp_c), mask=n_ok[None, :],
+                        other=0.0).to(tl.float32)
+            hole = b == float("-inf")
+            valid = valid & (hole == 0)
+            b = tl.where(hole, 0.0, b)
+            s = s + (alpha * LOG2E) * b
+        elif PRIOR != 0:
+            if PRIOR == 2:
+                off = offs_n[None, :] - offs_m[:, None] + PW
+                inside = (off >= 0) & (off <= 2 * PW)
+                if MASK_OUT:
+                    valid = valid & inside
+            if NEED_DALPHA or NEED_DPRIOR or alpha != 0:  # heads with alpha = 0 skip the read unless d(alpha) needs B
+                if PRIOR == 1:  # lags clamp into the table: every index in bounds, no load mask
+                    idx = tl.minimum(tl.maximum(offs_m[:, None] - offs_n[None, :], -PW), PW) + PW
+                    b = tl.load(P_ptr + p_base + idx * sp_c).to(tl.float32)
+                if PRIOR == 2:
+                    # (i, j - i + W) as a row term plus a column term: an affine tile, no per-element products
+                    b = tl.load(p_blk + (band_row[:, None] + (offs_n - first + PW)[None, :] * sp_c),
+                                mask=inside & n_ok[None, :], other=0.0).to(tl.float32)
+                if PRIOR == 3:
+                    w_row = P2_ptr + p2_base + tl.cast(start_n, tl.int64) * sp2_r
+                    wf = tl.load(w_row + (tl.arange(0, BLOCK_N)[:, None] * sp2_r + offs_r[None, :] * sp2_c),
+                                 mask=n_ok[:, None] & (offs_r[None, :] < PW), other=0.0).to(tl.float32)
+                    b = _dot_f32(u_res, tl.trans(wf), IEEE)
                 s = s + (alpha * LOG2E) * b
-            elif alpha != 0:  # heads with alpha = 0 skip the prior read
-                b = tl.load(p_blk + (rows_l[:, None] * sp_r + off * sp_c),
-                            mask=inside & m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-                s = s + (alpha * LOG2E) * b
-            s = tl.where(valid, s, float("-inf"))
-        else:
-            s, b = _logits(q, kT, qk_scale, alpha, offs_m[:, None], offs_n[None, :], offs_m, offs_n, Lq, Lk,
-                           off_b, Kpm, skpm_b,
-                           P_ptr, p_base, sp_r, sp_c, P2_ptr, p2_base, sp2_r, sp2_c, PW,
-                           PRIOR, MASK_OUT, R_PAD, CAUSAL, HAS_KPM, IEEE, BLOCK_M, BLOCK_N, NEED_DALPHA, False)
+        s = tl.where(valid, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         vT = _load_rows_T(v_base, start_n, sv_n, offs_dv, n_ok, DV, BLOCK_N)
         dp = _dot(do, vT, IEEE)
@@ -114,14 +134,12 @@ def _attn_bwd_dq_kernel(
             if PRIOR == 2:
                 off = offs_n[None, :] - offs_m[:, None] + PW
                 inside = m_ok[:, None] & n_ok[None, :] & (off >= 0) & (off <= 2 * PW)
-                tl.store(DPR + dpr_base + offs_m[:, None].to(tl.int64) * dpr_r + off.to(tl.int64),
-                         dsa, mask=inside)
+                tl.store(dpr_blk + (rows_m[:, None] * (dpr_r - 1) + (offs_n - first + PW)[None, :]), dsa, mask=inside)
             if PRIOR == 3:
-                wf = _load_factor(P2_ptr, p2_base, offs_n, Lk, sp2_r, sp2_c, PW, R_PAD)
                 du += _dot_f32(dsa, wf, IEEE)
             if PRIOR == 4:
-                tl.store(DPR + dpr_base + offs_m[:, None].to(tl.int64) * dpr_r + offs_n[None, :].to(tl.int64),
-                         dsa, mask=m_ok[:, None] & n_ok[None, :])
+                tl.store(dpr_blk + (rows_m[:, None] * dpr_r + offs_n[None, :]), dsa,
+                         mask=m_ok[:, None] & n_ok[None, :])
 
     dq = dq * scale
     tl.store(DQ + off_b.to(tl.int64) * sdq_b + off_h.to(tl.int64) * sdq_h
@@ -132,5 +150,5 @@ def _attn_bwd_dq_kernel(
     if NEED_DPRIOR:
         if PRIOR == 3:
             offs_r = tl.arange(0, R_PAD)
-            tl.store(DPR + dpr_base + offs_m[:, None].to(tl.int64) * dpr_r + offs_r[None, :], du,
+            tl.store(dpr_blk + (rows_m[:, None] * dpr_r + offs_r[None, :]), du,
                      mask=m_ok[:, None] & (offs_r[None, :] < PW))

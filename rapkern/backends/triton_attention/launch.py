@@ -102,6 +102,16 @@ def _lead_strides(t: torch.Tensor) -> tuple[int, int]:
     return (t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0)
 
 
+def _i32_addressable(t: torch.Tensor, row_dim: int | None) -> torch.Tensor:
+    """``t`` if the kernels' 32-bit in-tile offsets reach every element they read from a row base: up to 128
+    rows (one block) times the row stride plus one whole row; else a contiguous copy (only for views with
+    huge strides, e.g. a transposed L x L bias beyond 2^31 elements)."""
+    span = (t.shape[-1] - 1) * t.stride(-1)
+    if row_dim is not None:
+        span += 128 * t.stride(row_dim)
+    return t if span < 2**31 else t.contiguous()
+
+
 class PriorPack:
     """Pointer + strides for the kernels (stride 0 on broadcast lead dims; never an expanded copy)."""
 
@@ -115,14 +125,14 @@ class PriorPack:
         if prior is None:
             return
         if self.kind == "lag":
-            t = lead4(prior.table, 1)
+            t = _i32_addressable(lead4(prior.table, 1), None)
             self.p, self.ps, self.pw = t, (*_lead_strides(t), 0, t.stride(2)), prior.window
         elif self.kind in ("banded", "dense"):
-            t = lead4(prior.tensors()[0], 2)
+            t = _i32_addressable(lead4(prior.tensors()[0], 2), 2)
             self.p, self.ps = t, (*_lead_strides(t), t.stride(2), t.stride(3))
             self.pw = prior.half_width if self.kind == "banded" else 0
         else:
-            u, v = lead4(prior.u, 2), lead4(prior.v, 2)
+            u, v = _i32_addressable(lead4(prior.u, 2), 2), _i32_addressable(lead4(prior.v, 2), 2)
             self.p, self.ps = u, (*_lead_strides(u), u.stride(2), u.stride(3))
             self.p2, self.p2s = v, (*_lead_strides(v), v.stride(2), v.stride(3))
             self.pw, self.r_pad = prior.rank, C.pad_dim(prior.rank)
