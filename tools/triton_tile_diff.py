@@ -53,8 +53,8 @@ def main():
     args = ap.parse_args()
     (tb, mb), (ta, ma) = load(args.before), load(args.after)
     kernels, dims = args.kernels.split(","), args.dims.split(",")
-    print(f"| triton | kernel | class | arch | D | prior | before: regs | after: regs | class no-prior | "
-          f"vs class | vs plain |")
+    print("| triton | kernel | class | arch | D | prior | before: regs | after: regs | class no-prior | "
+          "vs class | vs plain |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     counts = {"before": [0, 0], "after": [0, 0]}  # [gaps vs class, gaps vs plain]
     for key in sorted(set(ta) | set(tb)):

@@ -92,8 +92,9 @@ def _attn_bwd_dq_kernel(
         b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if PRIOR == 4:
             # a -inf in a user's dense bias masks for every alpha, even 0
-            b = tl.load(p_blk + (rows_l[:, None] * sp_r + offs_n[None, :] * sp_c), mask=n_ok[None, :],
-                        other=0.0).to(tl.float32)
+            # unmasked: keys beyond Lk read column Lk - 1 (masked by valid); an affine row + column tile
+            b = tl.load(p_blk + ((rows_l * sp_r)[:, None] + (tl.minimum(offs_n, Lk - 1) * sp_c)[None, :]))
+            b = b.to(tl.float32)
             hole = b == float("-inf")
             valid = valid & (hole == 0)
             b = tl.where(hole, 0.0, b)
