@@ -7,6 +7,14 @@ per-program partial of ``dα_h = Σ dS∘B``. Reduced on the host (launch.py) wi
 dims, so gradients are bitwise reproducible. Dropout masks are regenerated from the forward's Philox
 counters.
 
+Register pressure decides the tile (tools/gen_triton_configs.py keeps the largest spill-free one), so the
+prior is read here rather than through the general ``_common._prior_tile``, whose per-element int64 pointer
+tiles spill at the no-prior tile: an int64 base per query block and 32-bit in-tile offsets built as a row
+term plus a column term (band ``(i, j - i + W)``; dense with columns clamped to Lk - 1 and read unmasked),
+the lag index clamped into the table (no mask), the low-rank query factor resident. Measured per launch key:
+bench/results/triton_bwd_tiles-*.md. (The forward's split of the key loop into masked / unmasked / constant
+ranges measured worse here: four loops of dq state.)
+
 One kernel per module: the config tables' fingerprint of the dq keys (configs.KERNEL_FILES) covers this
 file and what it imports, so editing the dk/dv kernel leaves the dq keys verified.
 """
