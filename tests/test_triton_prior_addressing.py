@@ -1,7 +1,8 @@
 """The Triton kernels address a prior's elements with 32-bit offsets from an int64 row (or block) base:
 up to one block of rows (128) times the row stride plus a whole row. launch.PriorPack copies a prior view
 whose strides could overflow that (e.g. a transposed L x L dense bias beyond 2^31 elements) to a contiguous
-tensor, and passes every other view through untouched (no copy). Checked on meta tensors: no memory."""
+tensor, and passes every other view through untouched (no copy). Checked on meta tensors: no memory.
+Also the layout of the dq kernel's band-gradient buffer and its decoding (launch._band_grad)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,20 @@ def test_prior_pack_uses_the_guard():
     assert launch.PriorPack(RelativeLagPrior(lag), dummy).ps[3] == 2**27
     lr = LowRankPrior(_meta((64, 4), (4, 1)), _meta((64, 4), (4, 1)))
     assert launch.PriorPack(lr, dummy).ps[2:] == (4, 1)
+
+
+@pytest.mark.parametrize("lq,w", [(1, 0), (97, 3), (128, 20), (300, 64)])
+def test_band_grad_buffer_layout(lq, w):
+    """The dq kernel writes the band gradient in 128-row groups, row i at column j - 128·(i // 128) + W;
+    launch._band_grad must return exactly the (b, hq, lq, 2W + 1) band, whatever the kernel's BLOCK_M."""
+    b, hq, g = 2, 3, launch.BAND_GRAD_GROUP
+    band = torch.randn(b, hq, lq, 2 * w + 1, dtype=torch.float64)
+    rows = -(-lq // g) * g
+    buf = torch.full((b * hq, rows, g + 2 * w), float("nan"), dtype=torch.float64)  # unread cells stay NaN
+    i = torch.arange(lq)
+    for off in range(2 * w + 1):
+        j = i - w + off  # the key of band cell (i, off)
+        buf[:, i, j - i // g * g + w] = band.reshape(b * hq, lq, -1)[:, :, off]
+    got = launch._band_grad(buf, b, hq, lq, w)
+    assert got.shape == (b, hq, lq, 2 * w + 1) and got.is_contiguous()
+    assert torch.equal(got, band)

@@ -64,8 +64,15 @@ def _attn_bwd_dq_kernel(
     v_base = V + off_b.to(tl.int64) * sv_b + off_kh.to(tl.int64) * sv_h
     p_base = off_b.to(tl.int64) * sp_b + off_h.to(tl.int64) * sp_h
     p2_base = off_b.to(tl.int64) * sp2_b + off_h.to(tl.int64) * sp2_h
-    # prior-gradient rows of this block: an int64 block base, 32-bit in-tile offsets (as for the prior's rows)
-    dpr_blk = DPR + (off_bh.to(tl.int64) * Lq + start_m * BLOCK_M) * dpr_r
+    # prior-gradient rows of this block: an int64 block base, 32-bit in-tile offsets (as for the prior's rows).
+    # Band gradient: the launcher's buffer has cdiv(Lq, 128)·128 rows of 128 + 2W columns, column = key -
+    # (start of the row's 128-row group) + W; a block (BLOCK_M divides 128) lies in one group, so its store
+    # needs a 1-D column mask only (measured: the (i, j - i + W) layout's 2-D mask tile spilled 150-500 B)
+    BAND_GROUP: tl.constexpr = 128  # == launch.BAND_GRAD_GROUP
+    dpr_rows = Lq
+    if PRIOR == 2:
+        dpr_rows = tl.cdiv(Lq, BAND_GROUP) * BAND_GROUP
+    dpr_blk = DPR + (off_bh.to(tl.int64) * dpr_rows + start_m * BLOCK_M) * dpr_r
     rows_m = tl.arange(0, BLOCK_M)
     alpha = tl.load(Alpha + off_h)
     # prior rows of this query block (rows beyond Lq read row Lq - 1, never stored): an int64 block base and
@@ -141,9 +148,9 @@ def _attn_bwd_dq_kernel(
         if NEED_DPRIOR:
             dsa = ds * alpha
             if PRIOR == 2:
-                off = offs_n[None, :] - offs_m[:, None] + PW
-                inside = m_ok[:, None] & n_ok[None, :] & (off >= 0) & (off <= 2 * PW)
-                tl.store(dpr_blk + (rows_m[:, None] * (dpr_r - 1) + (offs_n - first + PW)[None, :]), dsa, mask=inside)
+                col = offs_n - first // BAND_GROUP * BAND_GROUP + PW
+                col_ok = (col >= 0) & (col < BAND_GROUP + 2 * PW) & n_ok
+                tl.store(dpr_blk + (rows_m[:, None] * dpr_r + col[None, :]), dsa, mask=col_ok[None, :])
             if PRIOR == 3:
                 du += _dot_f32(dsa, wf, IEEE)
             if PRIOR == 4:

@@ -213,9 +213,9 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
     dl, dl_bh, lag_k, lag_cfg = scratch, 0, 1, None
     kind = pack.kind
     if need_dprior:
-        if kind == "banded":
-            dpr_q_r = 2 * pack.pw + 1
-            dpr_q = torch.zeros(b, hq, lq, dpr_q_r, **f32)
+        if kind == "banded":  # dS in 128-row groups (the dq kernel's BAND_GROUP), skewed by _band_grad
+            dpr_q_r = BAND_GRAD_GROUP + 2 * pack.pw
+            dpr_q = torch.zeros(b * hq, triton.cdiv(lq, BAND_GRAD_GROUP) * BAND_GRAD_GROUP, dpr_q_r, **f32)
         elif kind == "dense":
             dpr_q_r = lk
             dpr_q = torch.zeros(b, hq, lq, lk, **f32)
@@ -290,9 +290,24 @@ def attention_bwd(q, k, v, out, lse, dout, pack: PriorPack, alpha, kpm, causal, 
             grads = [_reduce_lag(dl, nnb_lag, lag_k, lag_cfg[0], pack.pw).view(b, hq, -1)]
         elif kind == "lowrank":
             grads = [dpr_q, dpr_k]
+        elif kind == "banded":
+            grads = [_band_grad(dpr_q, b, hq, lq, pack.pw)]
         else:
             grads = [dpr_q]
     return dq, dk, dv, dalpha, grads
+
+
+BAND_GRAD_GROUP = 128  # rows per group of the band-gradient buffer (== _dq_kernel BAND_GROUP, >= every BLOCK_M)
+
+
+def _band_grad(buf: torch.Tensor, b: int, hq: int, lq: int, w: int) -> torch.Tensor:
+    """The dq kernel's band-gradient buffer (b·hq, rows, 128 + 2W), where row i holds α·dS[i, j] at column
+    j - 128·(i // 128) + W, as the (b, hq, lq, 2W + 1) band layout: row i's band starts at column i mod 128,
+    so a strided view (row stride + 1) lines the bands up; one copy, no tile-size dependence."""
+    bh, rows, r = buf.shape
+    g = BAND_GRAD_GROUP
+    band = buf.as_strided((bh, rows // g, g, 2 * w + 1), (rows * r, g * r, r + 1, 1))
+    return band.reshape(bh, rows, 2 * w + 1)[:, :lq].reshape(b, hq, lq, 2 * w + 1).contiguous()
 
 
 def _reduce_lag(dl: torch.Tensor, nnb: int, k: int, blk: int, w: int) -> torch.Tensor:
