@@ -61,7 +61,7 @@ def test_prior_pack_uses_the_guard():
     assert launch.PriorPack(lr, dummy).ps[2:] == (4, 1)
 
 
-@pytest.mark.parametrize("lq,w", [(1, 0), (97, 3), (128, 20), (300, 64)])
+@pytest.mark.parametrize("lq,w", [(1, 0), (97, 3), (128, 20), (256, 5), (300, 64)])
 def test_band_grad_buffer_layout(lq, w):
     """The dq kernel writes the band gradient in 128-row groups, row i at column j - 128·(i // 128) + W;
     launch._band_grad must return exactly the (b, hq, lq, 2W + 1) band, whatever the kernel's BLOCK_M."""

@@ -303,11 +303,17 @@ BAND_GRAD_GROUP = 128  # rows per group of the band-gradient buffer (== _dq_kern
 def _band_grad(buf: torch.Tensor, b: int, hq: int, lq: int, w: int) -> torch.Tensor:
     """The dq kernel's band-gradient buffer (b·hq, rows, 128 + 2W), where row i holds α·dS[i, j] at column
     j - 128·(i // 128) + W, as the (b, hq, lq, 2W + 1) band layout: row i's band starts at column i mod 128,
-    so a strided view (row stride + 1) lines the bands up; one copy, no tile-size dependence."""
+    so a strided view (row stride + 1) lines the bands up; copied once into a contiguous result (the full
+    groups, then the rows of the last one below lq), no tile-size dependence."""
     bh, rows, r = buf.shape
     g = BAND_GRAD_GROUP
     band = buf.as_strided((bh, rows // g, g, 2 * w + 1), (rows * r, g * r, r + 1, 1))
-    return band.reshape(bh, rows, 2 * w + 1)[:, :lq].reshape(b, hq, lq, 2 * w + 1).contiguous()
+    out = buf.new_empty(bh, lq, 2 * w + 1)
+    full = lq // g
+    out[:, : full * g].view(bh, full, g, 2 * w + 1).copy_(band[:, :full])
+    if lq > full * g:
+        out[:, full * g :].copy_(band[:, full, : lq - full * g])
+    return out.view(b, hq, lq, 2 * w + 1)
 
 
 def _reduce_lag(dl: torch.Tensor, nnb: int, k: int, blk: int, w: int) -> torch.Tensor:
